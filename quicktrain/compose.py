@@ -1,0 +1,61 @@
+"""Turns the parts' settings in a :class:`TrainConfig` into the loop's :class:`Hooks`.
+
+This is the only module that knows every part; each part is reached through its public API.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .train import GradientMaker, Hooks, TrainConfig
+
+
+def build_hooks(config: TrainConfig) -> Hooks:
+    """The initializer, gradient maker and transforms that ``config`` asks for (plain training if none)."""
+    validate(config)
+    hooks = Hooks()
+    if config.init is not None:
+        hooks.init = _ghn_initializer(config)
+    if config.precond is not None:
+        hooks.gradients = _precond_factory(config)
+    if config.boost:
+        hooks.transforms.append(_boost_transform(config))
+    return hooks
+
+
+def validate(config: TrainConfig) -> None:
+    """Reject settings the parts cannot honour, before any data is loaded."""
+    if config.init is not None and config.init.split(":", 1)[0] != "ghn":
+        raise ValueError(f"Unknown --init {config.init!r}; choose 'ghn' or 'ghn:CHECKPOINT'")
+
+
+def _ghn_initializer(config: TrainConfig):
+    from . import ghn
+
+    checkpoint = config.init.split(":", 1)[1] if ":" in config.init else None
+    return ghn.initializer(checkpoint, dataset=config.dataset, noise=config.ghn_noise)
+
+
+def _precond_factory(config: TrainConfig):
+    from . import precond
+
+    if config.precond not in precond.list_methods():
+        raise ValueError(f"Unknown preconditioner {config.precond!r}; choose from {precond.list_methods()}")
+
+    def factory(model: nn.Module, loss_fn: nn.Module) -> GradientMaker:
+        return precond.make(
+            config.precond,
+            model,
+            loss_fn,
+            damping=config.damping,
+            curvature_interval=config.curvature_interval,
+            inverse_interval=config.inverse_interval,
+        )
+
+    return factory
+
+
+def _boost_transform(config: TrainConfig):
+    from . import boost
+
+    return boost.BoostTransform(ratio=config.boost_ratio, plt_start=config.plt_start, plt_end=config.plt_end)

@@ -1,0 +1,51 @@
+"""Comparison tables of runs, for the terminal (rich) and for Markdown."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from .runs import RunRecord
+
+COLUMNS = ("run", "model", "dataset", "epochs", "best val acc", "test acc", "test loss", "wall s")
+
+
+def run_rows(runs: Sequence[RunRecord]) -> list[list[str]]:
+    """One row of :data:`COLUMNS` per run."""
+    rows = []
+    for run in runs:
+        final = run.final
+        rows.append(
+            [
+                run.name,
+                str(run.config.get("model", "?")),
+                str(run.config.get("dataset", "?")),
+                str(final["epoch"]),
+                f"{max(e['val_acc'] for e in run.epochs):.4f}",
+                f"{final['test_acc']:.4f}",
+                f"{final['test_loss']:.4f}",
+                f"{final['wall']:.1f}",
+            ]
+        )
+    return rows
+
+
+def print_table(
+    columns: Sequence[str], rows: Sequence[Sequence[str]], title: str = "", console: Console | None = None
+) -> None:
+    """Print ``rows`` under ``columns`` as a rich table."""
+    table = Table(title=title or None)
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("run", "method", "model", "dataset") else "right")
+    for row in rows:
+        table.add_row(*row)
+    (console or Console()).print(table)
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """``rows`` under ``columns`` as a GitHub Markdown table."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,38 @@
+"""The shared training loop and its extension points."""
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import TrainConfig, lr_at
+from .hooks import (
+    AutogradGradients,
+    GradientMaker,
+    GradientMakerFactory,
+    Hooks,
+    Initializer,
+    ModelTransform,
+    unwrap,
+)
+from .loop import NonFiniteLossError, RunResult, evaluate, fit, make_optimizer, pick_device
+
+__all__ = [
+    # loop
+    "fit",
+    "evaluate",
+    "make_optimizer",
+    "pick_device",
+    "RunResult",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "lr_at",
+    # extension points
+    "Hooks",
+    "AutogradGradients",
+    "GradientMaker",
+    "GradientMakerFactory",
+    "Initializer",
+    "ModelTransform",
+    "unwrap",
+    # checkpoints
+    "save_checkpoint",
+    "load_checkpoint",
+    "CheckpointError",
+]

@@ -1,0 +1,60 @@
+"""``torch.distributed`` helpers: set-up from ``torchrun``'s environment and the rank's share of a batch."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Rank, world size and local rank of this process (``0, 1, 0`` without ``torchrun``)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group that ``torchrun`` describes (gloo on CPU, nccl on CUDA), if any."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return info
+
+
+def shard(indices: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """This rank's contiguous share of a global batch of ``indices`` (the global batch must divide evenly).
+
+    Each rank averages the loss over its equal share and DDP averages gradients over ranks, so the update
+    equals the single-process update on the whole global batch.
+    """
+    if len(indices) % info.world_size:
+        raise ValueError(
+            f"global batch of {len(indices)} does not split evenly over {info.world_size} processes; "
+            "choose --batch-size divisible by the number of processes"
+        )
+    size = len(indices) // info.world_size
+    return indices[info.rank * size : (info.rank + 1) * size]
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of ``value`` over ranks (the value itself without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value

@@ -1,0 +1,192 @@
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quicktrain.train import (
+    AutogradGradients,
+    CheckpointError,
+    Hooks,
+    NonFiniteLossError,
+    TrainConfig,
+    fit,
+    load_checkpoint,
+    lr_at,
+    save_checkpoint,
+)
+
+BASE = TrainConfig(
+    dataset="digits", model="cnn", epochs=4, batch_size=32, lr=3e-3, max_steps_per_epoch=6, progress=False
+)
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_training_learns_digits():
+    result = fit(dataclasses.replace(BASE, max_steps_per_epoch=None, epochs=3))
+    assert result.metrics["test_acc"] > 0.9
+
+
+def _failing_at_call(n, error):
+    """A gradient maker that behaves like autograd but, on its ``n``-th call, spoils the loss or dies."""
+
+    class Failing(AutogradGradients):
+        calls = 0
+
+        def forward_backward(self, inputs, targets):
+            loss, logits = super().forward_backward(inputs, targets)
+            Failing.calls += 1
+            if Failing.calls == n:
+                if error is None:
+                    return loss * math.nan, logits
+                raise error
+            return loss, logits
+
+    return Failing
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    straight = tmp_path / "straight"
+    fit(dataclasses.replace(BASE, out=str(straight)))
+    split = tmp_path / "split"
+    with pytest.raises(KeyboardInterrupt):  # killed in the middle of epoch 3
+        fit(dataclasses.replace(BASE, out=str(split)), Hooks(gradients=_failing_at_call(15, KeyboardInterrupt)))
+    assert load_checkpoint(split / "last.pt")["epoch"] == 2
+    fit(dataclasses.replace(BASE, out=str(split), resume=True))
+    _assert_same_weights(_weights(straight / "model.pt"), _weights(split / "model.pt"))
+    straight_opt = load_checkpoint(straight / "last.pt")["optimizer"]["state"]
+    split_opt = load_checkpoint(split / "last.pt")["optimizer"]["state"]
+    for k in straight_opt:
+        assert torch.equal(straight_opt[k]["exp_avg_sq"], split_opt[k]["exp_avg_sq"])
+    records = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(24))
+    straight_records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+
+    def losses(rs):
+        return [r["loss"] for r in rs if r["kind"] == "step"]
+
+    assert losses(records) == losses(straight_records)
+
+
+def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    fit(dataclasses.replace(BASE, out=str(out), epochs=2))
+    with (out / "metrics.jsonl").open("a") as f:  # a run that died mid-epoch 3 left step records behind
+        f.write('{"kind": "step", "step": 12, "epoch": 3, "loss": 9.0}\n')
+    fit(dataclasses.replace(BASE, out=str(out), resume=True, epochs=3))
+    steps = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"step", "step": 12,' in line]
+    assert len(steps) == 1 and '"loss": 9.0' not in steps[0]
+
+
+def test_nan_loss_stops_with_step_and_last_finite_loss_and_keeps_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    fit(dataclasses.replace(BASE, out=str(out), epochs=1))
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 8 \(epoch 2\); last finite loss was \d"):
+        fit(dataclasses.replace(BASE, out=str(out), resume=True), Hooks(gradients=_failing_at_call(3, None)))
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointError, match="does not exist"):
+        fit(dataclasses.replace(BASE, out=str(out), resume=True))
+    fit(dataclasses.replace(BASE, out=str(out), epochs=1))
+    with pytest.raises(CheckpointError, match=r"different run \(model: saved 'cnn' vs now 'mlp'\)"):
+        fit(dataclasses.replace(BASE, model="mlp", out=str(out), resume=True))
+    (out / "last.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        fit(dataclasses.replace(BASE, out=str(out), resume=True))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    save_checkpoint({"a": torch.ones(2)}, path)
+
+    def dies_mid_write(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"a": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+
+
+def test_lr_schedule_closed_form():
+    assert lr_at(0, 100, base_lr=1.0) == 1.0
+    assert lr_at(50, 100, base_lr=1.0) == pytest.approx(0.5)
+    assert lr_at(100, 100, base_lr=1.0) == pytest.approx(0.0)
+    assert lr_at(4, 100, base_lr=2.0, warmup_steps=10) == pytest.approx(1.0)
+    assert lr_at(60, 100, base_lr=2.0, schedule="constant") == 2.0
+
+
+def test_bad_config_values_are_rejected():
+    with pytest.raises(ValueError, match="Unknown optimizer 'lbfgs'"):
+        TrainConfig(optimizer="lbfgs")
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        TrainConfig(lr=float("nan"))
+    with pytest.raises(ValueError, match="exceeds the 1257 training examples"):
+        fit(dataclasses.replace(BASE, batch_size=5000))
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path):
+    args = [
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.01",
+        "--max-steps-per-epoch",
+        "5",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--optimizer",
+        "sgd",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single, double = tmp_path / "single", tmp_path / "double"
+    subprocess.run([sys.executable, "-m", "quicktrain.cli", "train", *args, "--out", str(single)], check=True, env=env)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "quicktrain.cli",
+            "train",
+            *args,
+            "--out",
+            str(double),
+        ],
+        check=True,
+        env=env,
+    )
+    a, b = _weights(single / "model.pt"), _weights(double / "model.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(a["1.weight"], load_checkpoint(single / "last.pt")["model"]["1.weight"] * 0)
