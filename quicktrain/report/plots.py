@@ -12,7 +12,11 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 from .runs import RunRecord  # noqa: E402
 
-PANELS = (("test_acc", "test accuracy"), ("val_loss", "validation loss"))
+# (y label, metric drawn solid, metric drawn dashed in the same colour)
+PANELS = (
+    ("accuracy (test solid, val dashed)", "test_acc", "val_acc"),
+    ("loss (train solid, val dashed)", "train_loss", "val_loss"),
+)
 
 
 def plot_runs(runs: Sequence[RunRecord], path: str | Path, title: str = "") -> Path:
@@ -20,13 +24,13 @@ def plot_runs(runs: Sequence[RunRecord], path: str | Path, title: str = "") -> P
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
-    for row, (metric, label) in enumerate(PANELS):
+    for row, (label, solid, dashed) in enumerate(PANELS):
         for col, (x_key, x_label) in enumerate((("epoch", "epoch"), ("wall", "wall time (s)"))):
             ax = axes[row][col]
             for run in runs:
-                ax.plot(
-                    [e[x_key] for e in run.epochs], [e[metric] for e in run.epochs], marker="o", ms=3, label=run.name
-                )
+                x = [e[x_key] for e in run.epochs]
+                (line,) = ax.plot(x, [e[solid] for e in run.epochs], marker="o", ms=3, label=run.name)
+                ax.plot(x, [e[dashed] for e in run.epochs], ls="--", color=line.get_color(), alpha=0.7)
             ax.set_xlabel(x_label)
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -41,7 +42,7 @@ def print_table(
         table.add_column(column, justify="left" if column in ("run", "method", "model", "dataset") else "right")
     for row in rows:
         table.add_row(*row)
-    (console or Console()).print(table)
+    (console or Console(width=shutil.get_terminal_size((160, 24)).columns)).print(table)
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
