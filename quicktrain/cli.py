@@ -10,7 +10,8 @@ from pathlib import Path
 
 from . import data, models, report
 from .compose import build_hooks
-from .train import TrainConfig, fit
+from .kron import cli as kron_cli
+from .train import TrainConfig, fit, load_recipe
 
 DEMO_RUNS = {"adamw": {}}
 
@@ -31,7 +32,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--warmup-steps", type=int, default=d.warmup_steps)
     add("--seed", type=int, default=d.seed)
     add("--out", default=d.out, help="run folder: metrics.jsonl, last.pt (resume point), model.pt")
+    add("--recipe", default=None, help="TOML recipe of settings; flags given on the command line override it")
     add("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add(
+        "--auto-resume",
+        action="store_true",
+        help="resume when --out has a checkpoint, else start (for restarts by torchrun --max-restarts)",
+    )
     add("--device", default=d.device, help="auto (CUDA if available), cpu, cuda or cuda:N")
     add(
         "--threads",
@@ -43,6 +50,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--download", action="store_true", help="let torchvision download mnist/cifar10/cifar100 into --data-dir")
     add("--max-steps-per-epoch", type=int, default=d.max_steps_per_epoch)
     add("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
+    add("--compile", action="store_true", help="torch.compile the model")
     parts = parser.add_argument_group("parts")
     parts.add_argument("--init", default=d.init, help="ghn or ghn:CHECKPOINT (predicted initialisation)")
     parts.add_argument("--ghn-noise", type=float, default=d.ghn_noise, help="relative noise on predicted weights")
@@ -92,12 +101,20 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"plot: {report.plot_runs(runs, args.out)}")
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; for ``train --recipe FILE`` the recipe's settings become the defaults of the flags."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe")
+    recipe = pre.parse_known_args(argv)[0].recipe
+    return get_args_parser(load_recipe(recipe) if recipe else {}).parse_args(argv)
+
+
+def get_args_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quicktrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model on a dataset")
     add_train_arguments(train)
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, **(train_defaults or {}))
     demo = sub.add_parser("demo", help="a short run on the bundled digits data with a summary table")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--epochs", type=int, default=15)
@@ -106,11 +123,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", help="run folders (the --out of quicktrain train)")
     rep.add_argument("--out", default="report.png", help="PNG file to write")
     rep.set_defaults(func=cmd_report)
+    kron_cli.add_subparser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = get_args_parser().parse_args(argv)
+    args = parse_args(argv)
     args.func(args)
 
 

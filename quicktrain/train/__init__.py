@@ -12,6 +12,7 @@ from .hooks import (
     unwrap,
 )
 from .loop import NonFiniteLossError, RunResult, evaluate, fit, make_optimizer, pick_device
+from .recipe import load_recipe
 
 __all__ = [
     # loop
@@ -23,6 +24,7 @@ __all__ = [
     "NonFiniteLossError",
     "TrainConfig",
     "lr_at",
+    "load_recipe",
     # extension points
     "Hooks",
     "AutogradGradients",

@@ -24,6 +24,7 @@ class TrainConfig:
     seed: int = 0
     out: str | None = None
     resume: bool = False
+    auto_resume: bool = False
     device: str = "auto"
     threads: int | None = 1
     data_dir: str | None = None
@@ -31,6 +32,8 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     eval_batch_size: int = 1000
     progress: bool = True
+    amp: bool = False
+    compile: bool = False
     # parts
     init: str | None = None
     ghn_noise: float = 0.0

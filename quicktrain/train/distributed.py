@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.rendezvous import rendezvous
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,12 @@ def init_distributed(device: torch.device) -> DistInfo:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # torchrun --max-restarts re-runs the workers against the same key-value store; without a fresh key
+        # prefix per restart, gloo would read the dead workers' addresses and fail to connect.
+        store, _, _ = next(rendezvous("env://"))
+        store = dist.PrefixStore(f"quicktrain-restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=info.world_size)
     return info
 
 

@@ -84,12 +84,15 @@ class _Run:
         self.maker: GradientMaker | None = None
 
     def attach(self, model: nn.Module) -> None:
-        """Train ``model`` from now on: wrap it for DDP and build a fresh optimizer and gradient maker."""
+        """Train ``model`` from now on: wrap it for DDP (and ``torch.compile``), build a fresh optimizer and
+        gradient maker."""
         self.model = model.to(self.device)
         self.wrapped = self.model
         if self.dist.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        if self.config.compile:
+            self.wrapped = torch.compile(self.wrapped)
         self.optimizer = make_optimizer(self.config, self.model)
         self.maker = self.hooks.gradients(self.wrapped, self.loss_fn)
 
@@ -109,6 +112,8 @@ def fit(config: TrainConfig, hooks: Hooks | None = None) -> RunResult:
     if config.threads:
         torch.set_num_threads(config.threads)
     device = pick_device(config.device)
+    if config.amp and device.type != "cuda":
+        raise ValueError("--amp (bfloat16 mixed precision) needs a CUDA device; drop --amp on CPU")
     dist = init_distributed(device)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
@@ -129,17 +134,21 @@ def fit(config: TrainConfig, hooks: Hooks | None = None) -> RunResult:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
     total_steps = steps_per_epoch * config.epochs
     model = models.get_model(config.model, num_classes=splits.num_classes, in_shape=model_shape).to(device)
+    example = adapter(train_x[: config.batch_size])
     if hooks.init is not None:
-        hooks.init(model, adapter(train_x[: config.batch_size]))
+        hooks.init(model, example)
     for transform in hooks.transforms:
-        model = transform.before_training(model)
+        transformed = transform.before_training(model)
+        if transformed is not model and hooks.init is not None:
+            hooks.init(transformed.to(device), example)  # a new architecture (e.g. a boosted giant) gets its own
+        model = transformed
     run = _Run(config, hooks, device, dist)
     run.attach(model)
 
     # resume
     start_epoch, step, elapsed, last_loss = 0, 0, 0.0, math.nan
     checkpoint_path = out / "last.pt" if out else None
-    if config.resume:
+    if config.resume or (config.auto_resume and checkpoint_path is not None and checkpoint_path.exists()):
         if checkpoint_path is None:
             raise ValueError("--resume needs --out DIR, the folder of the run to continue")
         state = load_checkpoint(checkpoint_path, map_location=device)
@@ -179,7 +188,8 @@ def fit(config: TrainConfig, hooks: Hooks | None = None) -> RunResult:
             index = shard(order[i * config.batch_size : (i + 1) * config.batch_size], dist).to(device)
             x, y = adapter(train_x[index]), train_y[index]
             run.optimizer.zero_grad(set_to_none=True)
-            loss, logits = run.maker.forward_backward(x, y)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
+                loss, logits = run.maker.forward_backward(x, y)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(
@@ -288,7 +298,7 @@ def _checkpoint(run: _Run, epoch: int, step: int, elapsed: float, loss: float) -
 
 
 # Fields that may differ between the interrupted run and its resumption.
-_RESUMABLE_CHANGES = {"resume", "epochs", "progress", "device", "threads", "out", "data_dir"}
+_RESUMABLE_CHANGES = {"resume", "auto_resume", "epochs", "progress", "device", "threads", "out", "data_dir"}
 
 
 def _check_compatible(state: dict[str, Any], config: TrainConfig, path: Path) -> None:

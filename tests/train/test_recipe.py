@@ -1,0 +1,58 @@
+import pytest
+
+from quicktrain import cli
+from quicktrain.train import TrainConfig, load_recipe
+
+RECIPE = """
+dataset = "digits"
+model = "mlp"
+
+[budget]
+epochs = 7
+batch_size = 32
+
+[precond]
+precond = "kfac"
+damping = 0.01
+"""
+
+
+def test_recipe_tables_flatten_into_config_fields(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text(RECIPE)
+    settings = load_recipe(path)
+    assert settings == {
+        "dataset": "digits",
+        "model": "mlp",
+        "epochs": 7,
+        "batch_size": 32,
+        "precond": "kfac",
+        "damping": 0.01,
+    }
+    TrainConfig(**settings)
+
+
+def test_command_line_flags_override_the_recipe(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text(RECIPE)
+    args = cli.parse_args(["train", "--recipe", str(path), "--epochs", "2", "--damping", "0.5"])
+    config = cli.config_from_args(args)
+    assert (config.epochs, config.damping, config.batch_size, config.model) == (2, 0.5, 32, "mlp")
+    assert cli.config_from_args(cli.parse_args(["train"])).epochs == TrainConfig().epochs
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("epochz = 3", "unknown setting 'epochz'"),
+        ("epochs = 3\n[budget]\nepochs = 4", "given twice"),
+        ("epochs = ", "not valid TOML"),
+    ],
+)
+def test_bad_recipes_say_what_is_wrong(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_recipe(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_recipe(tmp_path / "missing.toml")
