@@ -1,0 +1,42 @@
+"""Kronecker SGD (Song & Yue, arXiv 2305.08001): SGD with per-step cost independent of d.
+
+Inputs are Kronecker products ``x = torch.kron(u, v)`` (first factor slowest; with the
+column-major vec, ``(A⊗B) vec(V) = vec(B V Aᵀ)`` and ``⟨w, u⊗v⟩ = uᵀ w.reshape(d1, d2) v``).
+The two-layer shifted-ReLU network ``f(x) = m^{-1/2} Σ_r a_r max(⟨w_r, x⟩ − b, 0)`` is
+trained by :class:`KronSGD`, which keeps the pre-activations ``Z`` in an
+:class:`AsynchronousTree` and moves them through the Gram matrix; :class:`DenseSGD` is the
+explicit-``x`` reference.
+"""
+
+from ._math import gram_matrix, kron_rows, preactivations, shifted_relu, squared_loss, update_coefficients
+from .data import KronDataset, batch_schedule, make_digit_pairs, make_fashion_pairs, make_teacher
+from .dense import DenseSGD, StepResult
+from .model import KronMLP, SeededInit
+from .sgd import KronSGD, initial_preactivations
+from .tree import AsynchronousTree
+
+__all__ = [
+    # model
+    "KronMLP",
+    "SeededInit",
+    # trainers
+    "DenseSGD",
+    "KronSGD",
+    "StepResult",
+    "initial_preactivations",
+    # data structure
+    "AsynchronousTree",
+    # data
+    "KronDataset",
+    "batch_schedule",
+    "make_digit_pairs",
+    "make_fashion_pairs",
+    "make_teacher",
+    # equations
+    "gram_matrix",
+    "kron_rows",
+    "preactivations",
+    "shifted_relu",
+    "squared_loss",
+    "update_coefficients",
+]

@@ -1,0 +1,303 @@
+"""Timing helpers shared by ``quicktrain kron bench`` and ``benchmarks/kron.py``.
+
+Dense SGD and Kronecker SGD run side by side in one process on the same data, initial
+weights and batch sequence, so every ratio is measured in the same run. Step times are
+medians of individually timed steps after a burn-in (``cuda.synchronize`` around each on
+GPU). Memory is probed in a fresh subprocess so that peak RSS belongs to one run only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import batch_schedule, make_digit_pairs, make_teacher
+from .dense import DenseSGD
+from .model import KronMLP, SeededInit
+from .sgd import KronSGD
+
+__all__ = [
+    "compare_at",
+    "fit_slope",
+    "markdown_table",
+    "memory_probe",
+    "plot_step_time",
+    "sweep",
+    "write_csv",
+]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_steps(
+    step: Callable[[torch.Tensor], Any], batches: Sequence[torch.Tensor], warmup: int, device: torch.device
+) -> tuple[float, list[Any]]:
+    """Median seconds per step over ``batches[warmup:]`` (first ``warmup`` are burn-in)."""
+    times, outs = [], []
+    for i, idx in enumerate(batches):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = step(idx)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            outs.append(out)
+    return statistics.median(times), outs
+
+
+def compare_at(
+    dims: Sequence[int],
+    *,
+    m: int,
+    n: int,
+    batch: int,
+    b: float,
+    lr: float = 0.1,
+    kron_steps: int = 30,
+    dense_steps: int = 5,
+    warmup: int = 2,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    dense: bool = True,
+) -> dict[str, float]:
+    """Per-step time of dense and Kronecker SGD on one teacher task.
+
+    Args:
+        dims: Factor dimensions; ``d = Π dims``.
+        m: Width.
+        n: Number of data points.
+        batch: Batch size.
+        b: Threshold.
+        lr: Step size.
+        kron_steps: Timed Kronecker steps.
+        dense_steps: Timed dense steps.
+        warmup: Burn-in steps for each trainer.
+        dtype: Data/weight dtype.
+        device: Device.
+        seed: Seed of data, weights and batches.
+        dense: Also time the dense trainer.
+
+    Returns:
+        A row: d, m, n, batch, b, kron/dense ms per step, speed-up, init seconds, mean active
+        pairs per point, mean touched neurons per step and steps to break even.
+    """
+    device = torch.device(device)
+    ds = make_teacher(n, dims, seed=seed, dtype=dtype).to(device=device)
+    sched = [i.to(device) for i in batch_schedule(n, batch, warmup + max(kron_steps, dense_steps), seed=seed)]
+    _sync(device)
+    t0 = time.perf_counter()
+    fast = KronSGD(ds.factors, ds.y, m=m, b=b, lr=lr, seed=seed)
+    _sync(device)
+    kron_init = time.perf_counter() - t0
+    kron_s, outs = _time_steps(fast.step, sched[: warmup + kron_steps], warmup, device)
+    row: dict[str, float] = {
+        "d": ds.d,
+        "m": m,
+        "n": n,
+        "batch": batch,
+        "b": b,
+        "kron_ms": 1e3 * kron_s,
+        "kron_init_s": kron_init,
+        "active_per_point": statistics.mean(o.n_active for o in outs) / batch,
+        "touched_per_step": statistics.mean(o.n_touched for o in outs),
+    }
+    del fast
+    if dense:
+        t0 = time.perf_counter()
+        model = KronMLP.from_init(SeededInit(m, ds.d, seed), b=b, dtype=dtype, device=device)
+        _sync(device)
+        dense_init = time.perf_counter() - t0
+        trainer = DenseSGD(model, ds.factors, ds.y, lr=lr)
+        dense_s, _ = _time_steps(trainer.step, sched[: warmup + dense_steps], warmup, device)
+        row.update(
+            dense_ms=1e3 * dense_s,
+            dense_init_s=dense_init,
+            speedup=dense_s / kron_s,
+            break_even_steps=kron_init / (dense_s - kron_s) if dense_s > kron_s else math.inf,
+        )
+        del model, trainer
+    return row
+
+
+def sweep(
+    points: Iterable[dict[str, Any]], *, progress: bool = True, desc: str = "kron bench", **common: Any
+) -> list[dict[str, float]]:
+    """Run :func:`compare_at` for each ``points`` entry (merged over ``common``), with a tqdm bar."""
+    from tqdm.auto import tqdm
+
+    points = list(points)
+    rows = []
+    for p in tqdm(points, desc=desc, disable=not progress):
+        rows.append(compare_at(**{**common, **p}))
+    return rows
+
+
+def fit_slope(x: Sequence[float], y: Sequence[float]) -> float:
+    """Least-squares slope of ``log y`` against ``log x``."""
+    lx = [math.log(v) for v in x]
+    ly = [math.log(v) for v in y]
+    mx, my = statistics.mean(lx), statistics.mean(ly)
+    return sum((a - mx) * (c - my) for a, c in zip(lx, ly, strict=True)) / sum((a - mx) ** 2 for a in lx)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf"
+        return f"{v:.3g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
+    """Markdown table of ``rows`` restricted to ``cols``."""
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Write ``rows`` (union of keys as header) to ``path``; creates parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def plot_step_time(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
+    """Log-log PNG of per-step time against ``d`` for dense and Kronecker SGD, with fitted slopes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    d = [r["d"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for key, label, style in (("dense_ms", "dense SGD", "o-"), ("kron_ms", "Kronecker SGD", "s-")):
+        if all(key in r for r in rows):
+            t = [r[key] for r in rows]
+            ax.plot(d, t, style, label=f"{label} (slope {fit_slope(d, t):.2f})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("input dimension d")
+    ax.set_ylabel("time per SGD step [ms]")
+    ax.set_title(title or "per-step time vs d")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident set size of this process image (``VmHWM``; reset by exec, unlike ``ru_maxrss``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM; peak-memory probing needs Linux")
+
+
+def _memory_probe_main(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Body of :func:`memory_probe` (runs inside the subprocess)."""
+    torch.set_num_threads(1)
+    dtype, device = DTYPES[cfg["dtype"]], torch.device(cfg["device"])
+    base_mb = _peak_rss_mb()
+    ds = make_digit_pairs(cfg["n"], size=cfg["size"], dtype=dtype, seed=cfg["seed"]).to(device=device)
+    t0 = time.perf_counter()
+    fast = KronSGD(ds.factors, ds.y, m=cfg["m"], b=cfg["b"], lr=cfg["lr"], seed=cfg["seed"])
+    _sync(device)
+    init_s = time.perf_counter() - t0
+    sched = [i.to(device) for i in batch_schedule(ds.n, cfg["batch"], cfg["steps"], seed=cfg["seed"])]
+    step_s, outs = _time_steps(fast.step, sched, 0, device)
+    head = [float(o.loss) / cfg["batch"] for o in outs[:5]]
+    tail = [float(o.loss) / cfg["batch"] for o in outs[-5:]]
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    out = {
+        "task": f"digits {cfg['size']}x{cfg['size']} pairs",
+        "d": ds.d,
+        "m": cfg["m"],
+        "n": ds.n,
+        "batch": cfg["batch"],
+        "dtype": cfg["dtype"],
+        "device": str(device),
+        "steps": cfg["steps"],
+        "kron_init_s": init_s,
+        "kron_ms": 1e3 * step_s,
+        "loss_first5": sum(head) / len(head),
+        "loss_last5": sum(tail) / len(tail),
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_after_import_mb": base_mb,
+        "dense_W_gb": cfg["m"] * ds.d * itemsize / 1e9,
+        "dense_W_plus_grad_gb": 2 * cfg["m"] * ds.d * itemsize / 1e9,
+    }
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def memory_probe(
+    *,
+    size: int = 28,
+    m: int = 1024,
+    n: int = 128,
+    batch: int = 16,
+    b: float = 2.0,
+    lr: float = 0.5,
+    steps: int = 20,
+    dtype: str = "float32",
+    device: str = "cpu",
+    seed: int = 0,
+    timeout: float = 1800,
+) -> dict[str, Any]:
+    """Train Kronecker SGD on digit pairs of side ``size`` (d = size⁴) in a fresh process; report peak memory.
+
+    Returns:
+        A dict with ``peak_rss_mb`` (whole process, includes the Python/torch baseline in
+        ``rss_after_import_mb``), timings, mean per-point loss over the first and last five
+        steps and the size a dense ``W`` (and ``W`` plus its gradient) would need.
+    """
+    cfg = {
+        "size": size,
+        "m": m,
+        "n": n,
+        "batch": batch,
+        "b": b,
+        "lr": lr,
+        "steps": steps,
+        "dtype": dtype,
+        "device": device,
+        "seed": seed,
+    }
+    code = (
+        "import json, sys; from quicktrain.kron.bench import _memory_probe_main; "
+        f"print('@@' + json.dumps(_memory_probe_main(json.loads({json.dumps(json.dumps(cfg))}))))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe failed:\n{proc.stderr[-4000:]}")
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("@@"))
+    return json.loads(line[2:])

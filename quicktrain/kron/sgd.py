@@ -1,0 +1,296 @@
+"""Kronecker SGD (Song & Yue, arXiv 2305.08001): SGD whose per-step cost does not depend on d.
+
+State after initialisation (nothing of length ``d`` is kept):
+
+* ``Z ∈ R^{m×n}``, ``Z_ri = ⟨w_r(t), x_i⟩`` — the leaves of the :class:`AsynchronousTree`;
+* ``G ∈ R^{n×n}``, ``G_ij = ⟨x_i, x_j⟩ = Π_k ⟨u^k_i, u^k_j⟩`` (Gram / tensor trick);
+* ``C ∈ R^{m×n}``, the accumulated update coefficients, so that
+  ``W(t) = W(0) + C X`` with ``X = [x_1; …; x_n]`` (used only to materialise ``W``);
+* the output signs ``a``, the threshold ``b``, the step size ``η`` and the seed of ``W(0)``.
+
+One step on batch ``B`` (``k`` = active neurons per point, ``R`` = touched neurons):
+
+1. query the tree: ``S_i = {r : Z_ri > b}`` for ``i ∈ B`` — ``O(|B| k log m)``;
+2. forward: ``f_i = m^{-1/2} Σ_{r∈S_i} a_r (Z_ri − b)`` — ``O(|B| k)``;
+3. backward: ``c_ri = −η m^{-1/2} a_r (f_i − y_i)`` for ``r ∈ S_i`` — ``O(|B| k)``;
+4. ``Z[R, :] += C_B G[B, :]`` — ``O(|R| |B| n) ≤ O(|B|² k n)``; tree update ``O(|R| n log m)``;
+5. ``C[R, B] += C_B``.
+
+The trainer does not even keep the factor matrices: the step structurally cannot
+touch a length-``d`` vector. Only initialisation (``O(m n d)`` via
+:func:`initial_preactivations`) and materialisation (:meth:`KronSGD.weight`) take the
+factors and depend on ``d``. Device and dtype follow the input factors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._checks import check_factors, check_indices, check_positive, check_threshold
+from ._math import (
+    gram_matrix,
+    kron_rows,
+    preactivations,
+    predictions_from_active,
+    shifted_relu,
+    squared_loss,
+    update_coefficients,
+)
+from .dense import StepResult
+from .model import KronMLP, SeededInit
+from .tree import AsynchronousTree
+
+__all__ = ["KronSGD", "initial_preactivations"]
+
+DEFAULT_CHUNK_ELEMS = 1 << 23  # ≈ 32 MB of float32 per streamed block of W(0)
+
+
+def initial_preactivations(
+    init: SeededInit, factors: Sequence[Tensor], *, chunk_elems: int = DEFAULT_CHUNK_ELEMS
+) -> Tensor:
+    """``Z(0) = W(0) X^T`` computed from the factors, streaming ``W(0)`` in row blocks.
+
+    .. math::  Z_{ri}(0) = \\langle w_r(0), x_i \\rangle = u_i^\\top W_r(0)\\, v_i
+
+    ``x`` is never formed; peak extra memory is about ``chunk_elems`` elements.
+
+    Args:
+        init: Seeded initial weights (``init.d`` must equal ``Π d_k``).
+        factors: K tensors ``[n, d_k]``.
+        chunk_elems: Element budget of one block of ``W(0)`` plus its partial contraction.
+
+    Returns:
+        ``Z(0)`` of shape ``[m, n]`` in the factors' dtype/device.
+    """
+    dims = [f.shape[1] for f in factors]
+    n, d = factors[0].shape[0], math.prod(dims)
+    if d != init.d:
+        raise ValueError(f"init.d = {init.d} but the factors give d = Π {dims} = {d}; rebuild the init")
+    ref = factors[0]
+    rows = max(1, chunk_elems // (d + (d // dims[-1]) * n))
+    out = torch.empty(init.m, n, dtype=ref.dtype, device=ref.device)
+    for s in range(0, init.m, rows):
+        e = min(init.m, s + rows)
+        out[s:e] = preactivations(init.rows(s, e, dtype=ref.dtype, device=ref.device), factors)
+    return out
+
+
+class KronSGD:
+    """Kronecker SGD trainer for the two-layer shifted-ReLU network.
+
+    Args:
+        factors: K tensors ``[n, d_k]`` (float32/float64, one device); ``x_i = torch.kron(u_i, v_i)``.
+        y: Targets ``[n]``.
+        m: Width.
+        b: Threshold ``b >= 0`` of the shifted ReLU.
+        lr: Step size ``η``.
+        seed: Seed of ``W(0)`` and ``a`` (:class:`SeededInit`); the dense reference built from the
+            same seed starts from identical weights.
+        chunk_elems: Memory budget (elements) for streaming ``W(0)`` at initialisation.
+
+    Example:
+        >>> from quicktrain.kron.data import make_teacher
+        >>> ds = make_teacher(32, (4, 4))
+        >>> sgd = KronSGD(ds.factors, ds.y, m=64, b=0.5, lr=0.1)
+        >>> out = sgd.step(torch.arange(8))
+        >>> out.pred.shape
+        torch.Size([8])
+    """
+
+    def __init__(
+        self,
+        factors: Sequence[Tensor],
+        y: Tensor,
+        *,
+        m: int,
+        b: float,
+        lr: float,
+        seed: int = 0,
+        chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    ) -> None:
+        factors = check_factors(factors, y)
+        self.b = check_threshold(b)
+        check_positive("lr", lr)
+        check_positive("m", m, integer=True)
+        check_positive("chunk_elems", chunk_elems, integer=True)
+        self.lr, self.m = float(lr), m
+        self.dims = tuple(f.shape[1] for f in factors)
+        self.init = SeededInit(m, math.prod(self.dims), seed)
+        ref = factors[0]
+        self.n = ref.shape[0]
+        t0 = time.perf_counter()
+        self.a = self.init.signs(dtype=ref.dtype, device=ref.device)
+        self.gram = gram_matrix(factors)
+        self.tree = AsynchronousTree(
+            initial_preactivations(self.init, factors, chunk_elems=chunk_elems), self.b
+        )
+        self.coef = torch.zeros(m, self.n, dtype=ref.dtype, device=ref.device)
+        self.y = y
+        self.steps = 0
+        self.init_seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------ properties
+    @property
+    def Z(self) -> Tensor:  # noqa: N802 - the paper's symbol
+        """Current pre-activations ``Z_ri = ⟨w_r(t), x_i⟩``, ``[m, n]`` (view; read-only)."""
+        return self.tree.leaves
+
+    @property
+    def device(self) -> torch.device:
+        """Device of all state tensors."""
+        return self.gram.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of all state tensors."""
+        return self.gram.dtype
+
+    # ------------------------------------------------------------------ step
+    def _forward(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        pos, neuron = self.tree.query(idx)
+        z = self.tree.leaves[neuron, idx[pos]]
+        pred = predictions_from_active(pos, neuron, z, self.a, self.b, idx.numel(), self.m)
+        return pred, pos, neuron
+
+    @torch.no_grad()
+    def predict(self, idx: Tensor) -> Tensor:
+        """Predictions ``f(W(t), x_i, a)`` on training points ``idx`` (no update), ``O(|B| k log m)``."""
+        idx = check_indices(idx, self.n, self.device)
+        return self._forward(idx)[0]
+
+    @torch.no_grad()
+    def step(self, idx: Tensor) -> StepResult:
+        """One SGD step on the batch of training points ``idx`` (no length-``d`` work).
+
+        Args:
+            idx: ``[B]`` indices into the training set (duplicates allowed).
+
+        Returns:
+            :class:`StepResult` with predictions and loss *before* the update.
+        """
+        idx = check_indices(idx, self.n, self.device)
+        # forward: only the activated neurons S_i (tree query)
+        pred, pos, neuron = self._forward(idx)
+        resid = pred - self.y[idx]
+        loss = squared_loss(pred, self.y[idx])
+        # backward: coefficient c_ri of x_i in the update of w_r, for each active pair
+        coef = update_coefficients(resid[pos], self.a[neuron], self.lr, self.m)
+        touched, row = torch.unique(neuron, sorted=True, return_inverse=True)
+        cb = torch.zeros(touched.numel(), idx.numel(), dtype=self.dtype, device=self.device)
+        cb.index_put_((row, pos), coef, accumulate=True)  # C_B ∈ R^{|R|×|B|}
+        # Z[R, :] += C_B G[B, :] through the Gram matrix, then refresh the trees
+        self.tree.add_sorted_(touched, cb @ self.gram[idx])
+        # keep W(t) = W(0) + C X materialisable
+        self.coef.index_put_(
+            (touched[:, None].expand(-1, idx.numel()), idx[None, :].expand(touched.numel(), -1)),
+            cb,
+            accumulate=True,
+        )
+        self.steps += 1
+        return StepResult(pred, loss, n_active=pos.numel(), n_touched=touched.numel())
+
+    # ------------------------------------------------------- materialisation
+    def _check_train_factors(self, factors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        factors = check_factors(factors)
+        dims = tuple(f.shape[1] for f in factors)
+        if dims != self.dims or factors[0].shape[0] != self.n:
+            raise ValueError(
+                f"factors have n = {factors[0].shape[0]}, dims = {dims} but the trainer was built with "
+                f"n = {self.n}, dims = {self.dims}; pass the training factors"
+            )
+        g = gram_matrix(factors).to(self.gram)
+        tol = 1e-4 if self.dtype == torch.float32 else 1e-9
+        if not torch.allclose(g, self.gram, rtol=tol, atol=tol):
+            raise ValueError("factors do not reproduce the training Gram matrix; pass the training factors")
+        return factors
+
+    @torch.no_grad()
+    def weight(self, factors: Sequence[Tensor], *, chunk: int = 256) -> Tensor:
+        """Materialise ``W(t) = W(0) + C X`` (``[m, d]``; d-dependent, on request only).
+
+        .. math::  w_r(t) = w_r(0) + \\sum_{i=1}^{n} C_{ri}\\, x_i
+
+        Args:
+            factors: The training factors (validated against the stored Gram matrix).
+            chunk: Data points per block of explicit ``x_i`` rows.
+
+        Returns:
+            Tensor ``[m, d]``.
+        """
+        factors = self._check_train_factors(factors)
+        w = self.init.weight(dtype=self.dtype, device=self.device)
+        for s in range(0, self.n, chunk):
+            w += self.coef[:, s : s + chunk] @ kron_rows([f[s : s + chunk] for f in factors])
+        return w
+
+    def model(self, factors: Sequence[Tensor]) -> KronMLP:
+        """The trained network as an ``nn.Module`` (materialises ``W``)."""
+        return KronMLP(self.weight(factors), self.a.clone(), self.b)
+
+    @torch.no_grad()
+    def predict_new(self, new_factors: Sequence[Tensor], train_factors: Sequence[Tensor]) -> Tensor:
+        """Predictions on unseen Kronecker points without materialising ``W``.
+
+        .. math::  \\langle w_r(t), x \\rangle = \\langle w_r(0), x\\rangle
+                   + \\sum_i C_{ri} \\langle x_i, x\\rangle
+
+        The first term streams ``W(0)`` (``O(m d n_new)``, like initialisation); the second
+        uses the cross Gram matrix of the factors.
+
+        Args:
+            new_factors: K tensors ``[n_new, d_k]``.
+            train_factors: The training factors.
+
+        Returns:
+            ``[n_new]`` predictions.
+        """
+        new_factors = check_factors(new_factors)
+        train_factors = self._check_train_factors(train_factors)
+        if tuple(f.shape[1] for f in new_factors) != self.dims:
+            raise ValueError(
+                f"new factors have dims {tuple(f.shape[1] for f in new_factors)} but the trainer uses "
+                f"{self.dims}; new points must have the same factor layout"
+            )
+        z = initial_preactivations(self.init, new_factors)
+        cross = None
+        for f, g in zip(train_factors, new_factors, strict=True):
+            cross = f @ g.T if cross is None else cross * (f @ g.T)
+        z += self.coef @ cross
+        return shifted_relu(z, self.b).T @ self.a / math.sqrt(self.m)
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: Z, G, C, a, y, hyper-parameters and step count."""
+        return {
+            "Z": self.Z.clone(),
+            "gram": self.gram.clone(),
+            "coef": self.coef.clone(),
+            "a": self.a.clone(),
+            "y": self.y.clone(),
+            "b": self.b,
+            "lr": self.lr,
+            "m": self.m,
+            "dims": self.dims,
+            "seed": self.init.seed,
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (shapes must match this trainer)."""
+        if tuple(state["dims"]) != self.dims or state["m"] != self.m or state["Z"].shape != self.Z.shape:
+            raise ValueError(
+                "state_dict was saved by a trainer with different m/dims/n; build a matching one"
+            )
+        self.b, self.lr, self.steps = float(state["b"]), float(state["lr"]), int(state["steps"])
+        self.init = SeededInit(self.m, self.init.d, int(state["seed"]))
+        self.gram = state["gram"].to(self.device, self.dtype)
+        self.coef = state["coef"].to(self.device, self.dtype)
+        self.a = state["a"].to(self.device, self.dtype)
+        self.y = state["y"].to(self.device, self.dtype)
+        self.tree = AsynchronousTree(state["Z"].to(self.device, self.dtype), self.b)
