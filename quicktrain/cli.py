@@ -96,9 +96,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    """Print the comparison table and draw the curves; with ``--html`` also write the HTML report and its CSV."""
     runs = [report.load_run(d) for d in args.runs]
-    report.print_table(report.COLUMNS, report.run_rows(runs), title="runs")
-    print(f"plot: {report.plot_runs(runs, args.out)}")
+    section = report.runs_section(runs, args.out)
+    columns, rows = section.tables[0]
+    report.print_table(columns, rows, title="runs")
+    print(f"plot: {args.out}")
+    if args.html:
+        csv_path = report.write_csv(columns, rows, Path(args.html).with_suffix(".csv"))
+        section.downloads.append(csv_path)
+        print(f"html: {report.render_html([section], args.html, title='quicktrain report')}  (table: {csv_path})")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -122,6 +129,7 @@ def get_args_parser(train_defaults: dict | None = None) -> argparse.ArgumentPars
     rep = sub.add_parser("report", help="compare run folders: a table and accuracy/loss plots")
     rep.add_argument("runs", nargs="+", help="run folders (the --out of quicktrain train)")
     rep.add_argument("--out", default="report.png", help="PNG file to write")
+    rep.add_argument("--html", help="also write this self-contained HTML report, and the table as CSV beside it")
     rep.set_defaults(func=cmd_report)
     kron_cli.add_subparser(sub)
     return parser
