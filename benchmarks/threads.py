@@ -8,14 +8,12 @@ Prints a Markdown table of ms/step per (model, data shape, threads) and the rati
 from __future__ import annotations
 
 import argparse
-import csv
 import time
-from pathlib import Path
 
 import torch
 
 from quicktrain import models
-from quicktrain.report import markdown_table
+from quicktrain.report import markdown_table, write_csv
 
 CASES = [
     ("mlp", (1, 28, 28)),
@@ -57,9 +55,7 @@ def main() -> None:
         rows.append([name, "x".join(map(str, shape)), f"{one:.1f}", f"{two:.1f}", f"{two / one:.2f}"])
     columns = ["model", "input", "ms/step 1 thread", "ms/step 2 threads", "2 threads / 1 thread"]
     print(markdown_table(columns, rows))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        csv.writer(f).writerows([columns, *rows])
+    write_csv(columns, rows, args.out)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import data, models, report
+from . import bench, data, models, report
 from .compose import build_hooks
 from .kron import cli as kron_cli
 from .train import TrainConfig, fit, load_recipe
@@ -132,6 +132,7 @@ def get_args_parser(train_defaults: dict | None = None) -> argparse.ArgumentPars
     rep.add_argument("--html", help="also write this self-contained HTML report, and the table as CSV beside it")
     rep.set_defaults(func=cmd_report)
     kron_cli.add_subparser(sub)
+    bench.add_subparser(sub)
     return parser
 
 

@@ -8,7 +8,6 @@ GPU). Memory is probed in a fresh subprocess so that peak RSS belongs to one run
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import statistics
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .. import report
 from .data import batch_schedule, make_digit_pairs, make_teacher
 from .dense import DenseSGD
 from .model import KronMLP, SeededInit
@@ -165,24 +165,16 @@ def _fmt(v: Any) -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
-    """Markdown table of ``rows`` restricted to ``cols``."""
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
+    """Markdown table of dict ``rows`` restricted to ``cols``."""
+    return report.markdown_table(cols, [[_fmt(r.get(c, "")) for c in cols] for r in rows])
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Write ``rows`` (union of keys as header) to ``path``; creates parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write dict ``rows`` (union of keys as header) to ``path``; creates parent folders."""
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return report.write_csv(keys, [[r.get(k, "") for k in keys] for r in rows], path)
 
 
 def plot_step_time(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
