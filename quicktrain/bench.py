@@ -26,8 +26,8 @@ from .train import TrainConfig, fit
 PRECOND = {
     "precond": "kfac",
     "optimizer": "sgd",
-    "lr": 0.05,
-    "damping": 1e-2,
+    "lr": 0.01,
+    "damping": 0.1,
     "curvature_interval": 5,
     "inverse_interval": 20,
 }

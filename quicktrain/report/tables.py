@@ -39,7 +39,7 @@ def print_table(
     """Print ``rows`` under ``columns`` as a rich table."""
     table = Table(title=title or None)
     for column in columns:
-        table.add_column(column, justify="left" if column in ("run", "method", "model", "dataset") else "right")
+        table.add_column(column, justify="left" if column in ("run", "config", "method", "model", "dataset") else "right")
     for row in rows:
         table.add_row(*row)
     (console or Console(width=shutil.get_terminal_size((160, 24)).columns)).print(table)
