@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import bench, data, models, report
+from .boost import cli as boost_cli
 from .compose import build_hooks
 from .kron import cli as kron_cli
 from .train import TrainConfig, fit, load_recipe
-
-DEMO_RUNS = {"adamw": {}}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,17 +79,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Train on the bundled ``digits`` data and print a summary table."""
+    """Train the ``bench all`` configurations on the bundled ``digits`` data and print a summary table."""
     out = Path(args.out)
     start = time.perf_counter()
     base = TrainConfig(dataset="digits", model="cnn", epochs=args.epochs, lr=3e-3, progress=False)
-    for name, overrides in DEMO_RUNS.items():
-        config = dataclasses.replace(base, out=str(out / name), **overrides)
-        print(f"demo: training {name} ({config.model} on {config.dataset}, {config.epochs} epochs)")
-        fit(config, build_hooks(config))
-    runs = [report.load_run(out / name) for name in DEMO_RUNS]
-    report.print_table(report.COLUMNS, report.run_rows(runs), title="quicktrain demo (digits)")
-    png = report.plot_runs(runs, out / "demo.png", title="quicktrain demo on digits")
+    records = bench.run_ablation(base, out, seeds=[0])
+    rows = bench.summary_rows(records, target=0.95)
+    report.print_table(bench.SUMMARY_COLUMNS, rows, title="quicktrain demo: cnn on digits, one seed")
+    png = report.plot_runs([run for runs in records.values() for run in runs], out / "demo.png")
     print(f"demo finished in {time.perf_counter() - start:.0f}s; curves in {png}")
 
 
@@ -131,6 +126,7 @@ def get_args_parser(train_defaults: dict | None = None) -> argparse.ArgumentPars
     rep.add_argument("--out", default="report.png", help="PNG file to write")
     rep.add_argument("--html", help="also write this self-contained HTML report, and the table as CSV beside it")
     rep.set_defaults(func=cmd_report)
+    boost_cli.add_subparser(sub)
     kron_cli.add_subparser(sub)
     bench.add_subparser(sub)
     return parser
