@@ -19,6 +19,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     add = parser.add_argument
     add("--dataset", default=d.dataset, help=f"one of {data.list_datasets()} or folder:PATH")
+    add("--classes", default=d.classes, help="train and evaluate on these classes only, e.g. 0-4 (shared head)")
     add("--model", default=d.model, help=f"one of {models.list_models()} or tv:NAME (any torchvision classifier)")
     add("--epochs", type=int, default=d.epochs)
     add("--batch-size", type=int, default=d.batch_size, help="global batch size (split over torchrun processes)")

@@ -2,6 +2,15 @@
 
 from . import bundled, torchvision_sets  # noqa: F401  (registers the datasets)
 from .adapt import Adapter, adapt
-from .registry import Splits, get_dataset, list_datasets, register_dataset
+from .registry import Splits, get_dataset, list_datasets, parse_classes, register_dataset, select_classes
 
-__all__ = ["Adapter", "Splits", "adapt", "get_dataset", "list_datasets", "register_dataset"]
+__all__ = [
+    "Adapter",
+    "Splits",
+    "adapt",
+    "get_dataset",
+    "list_datasets",
+    "parse_classes",
+    "register_dataset",
+    "select_classes",
+]

@@ -81,3 +81,31 @@ def split_off(images: Tensor, labels: Tensor, count: int, seed: int) -> tuple[Te
 def standardize(*images: Tensor, mean: float, std: float) -> list[Tensor]:
     """``(x - mean) / std`` for each tensor, as float32."""
     return [((x.float() - mean) / std).contiguous() for x in images]
+
+
+def parse_classes(spec: str) -> list[int]:
+    """Class ids from a spec such as ``"0-4"``, ``"5,7,9"`` or ``"0-2,8"``."""
+    classes: list[int] = []
+    try:
+        for part in spec.split(","):
+            low, _, high = part.strip().partition("-")
+            classes += range(int(low), int(high or low) + 1)
+    except ValueError as error:
+        raise ValueError(f"cannot read classes {spec!r}; write e.g. '0-4' or '5,7,9'") from error
+    return sorted(set(classes))
+
+
+def select_classes(splits: Splits, classes: list[int]) -> Splits:
+    """Keep only the examples of ``classes`` in every split; labels and ``num_classes`` are unchanged, so a
+    model trained on one subset and then another shares one classifier head (class-incremental tasks)."""
+    unknown = [c for c in classes if not 0 <= c < splits.num_classes]
+    if unknown or not classes:
+        raise ValueError(f"classes {classes} must be a non-empty subset of 0..{splits.num_classes - 1}")
+    wanted = torch.tensor(classes)
+
+    def keep(split: TensorDataset) -> TensorDataset:
+        images, labels = split.tensors
+        mask = torch.isin(labels, wanted)
+        return TensorDataset(images[mask], labels[mask])
+
+    return Splits(splits.name, keep(splits.train), keep(splits.val), keep(splits.test), splits.num_classes)

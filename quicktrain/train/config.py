@@ -12,6 +12,7 @@ class TrainConfig:
     :mod:`quicktrain.compose`, which turns them into :class:`~quicktrain.train.hooks.Hooks`."""
 
     dataset: str = "digits"
+    classes: str | None = None
     model: str = "cnn"
     epochs: int = 10
     batch_size: int = 64

@@ -124,6 +124,8 @@ def fit(config: TrainConfig, hooks: Hooks | None = None) -> RunResult:
 
     # data and model
     splits = data.get_dataset(config.dataset, root=config.data_dir, download=config.download, seed=config.seed)
+    if config.classes:
+        splits = data.select_classes(splits, data.parse_classes(config.classes))
     model_shape = models.input_shape(config.model, splits.in_shape)
     adapter = data.Adapter(splits.in_shape, model_shape)
     train_x, train_y = (t.to(device) for t in splits.train.tensors)

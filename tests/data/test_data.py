@@ -118,3 +118,14 @@ def test_adapter_repeats_grey_channels_and_resizes_up():
         data.Adapter((1, 28, 28), (1, 8, 8))
     with pytest.raises(ValueError, match="expected a batch"):
         data.Adapter((1, 8, 8), (3, 32, 32))(torch.randn(2, 1, 9, 9))
+
+
+def test_select_classes_keeps_labels_and_head_size():
+    s = data.select_classes(data.get_dataset("digits"), data.parse_classes("5-7,9"))
+    for split in (s.train, s.val, s.test):
+        assert set(split.tensors[1].tolist()) == {5, 6, 7, 9}
+    assert s.num_classes == 10 and len(s.test) < 360
+    with pytest.raises(ValueError, match="subset of 0..9"):
+        data.select_classes(s, [12])
+    with pytest.raises(ValueError, match="cannot read classes"):
+        data.parse_classes("a-b")
