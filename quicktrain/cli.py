@@ -10,6 +10,7 @@ from pathlib import Path
 from . import bench, data, models, report
 from .boost import cli as boost_cli
 from .compose import build_hooks
+from .ghn import cli as ghn_cli
 from .kron import cli as kron_cli
 from .train import TrainConfig, fit, load_recipe
 
@@ -128,6 +129,7 @@ def get_args_parser(train_defaults: dict | None = None) -> argparse.ArgumentPars
     rep.add_argument("--html", help="also write this self-contained HTML report, and the table as CSV beside it")
     rep.set_defaults(func=cmd_report)
     boost_cli.add_subparser(sub)
+    ghn_cli.add_subparser(sub)
     kron_cli.add_subparser(sub)
     bench.add_subparser(sub)
     return parser

@@ -1,0 +1,218 @@
+"""Use a trained GHN: predict a model's parameters and write them into it in place."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import load_checkpoint, shipped_checkpoints
+from .graph import model_to_graph
+from .model import GHN
+
+log = logging.getLogger(__name__)
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass
+class PredictReport:
+    """What :func:`predict_into` did.
+
+    Attributes:
+        predicted: names of the parameters written from the GHN.
+        unsupported: names of parameters the GHN does not predict; they keep their default initialisation.
+        seconds: wall time of tracing + prediction + writing (without BN re-estimation).
+        bn_batches: number of batches used to re-estimate BatchNorm statistics.
+    """
+
+    predicted: list[str] = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    bn_batches: int = 0
+
+
+def resolve_ghn(checkpoint_or_ghn: GHN | str | Path) -> GHN:
+    """A :class:`GHN` from itself or from a checkpoint path."""
+    if isinstance(checkpoint_or_ghn, GHN):
+        return checkpoint_or_ghn
+    if isinstance(checkpoint_or_ghn, (str, Path)):
+        return load_checkpoint(checkpoint_or_ghn)
+    raise TypeError(f"expected a GHN or a checkpoint path, got {type(checkpoint_or_ghn).__name__}")
+
+
+def check_compatible(ghn: GHN, example_inputs: Tensor, num_outputs: int | None) -> None:
+    """Raise when the input shape or class count differs from the data the GHN was trained for."""
+    ds = ghn.dataset
+    if ds is None:
+        return
+    if tuple(example_inputs.shape[1:]) != tuple(ds.in_shape):
+        raise ValueError(
+            f"this GHN was trained for {ds.name!r} inputs of shape {tuple(ds.in_shape)}, but the model gets "
+            f"{tuple(example_inputs.shape[1:])}; use a GHN trained on this data "
+            f"(`quicktrain ghn train --dataset ...`) or default init"
+        )
+    if num_outputs is not None and num_outputs != ds.num_classes:
+        raise ValueError(
+            f"this GHN was trained for {ds.name!r} with {ds.num_classes} classes, but the model outputs "
+            f"{num_outputs}; use a GHN trained for {num_outputs} classes or default init"
+        )
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, batches: Iterable[Tensor]) -> int:
+    """Reset BatchNorm running statistics and re-estimate them as plain averages over ``batches``.
+
+    Predicted weights change every layer's activation statistics, so the default ``(0, 1)`` running
+    statistics are wrong in eval mode; a few forward passes in train mode with ``momentum=None``
+    (cumulative average) fix them. Returns the number of batches used.
+    """
+    bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    if not bns:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    n = 0
+    try:
+        for x in batches:
+            if isinstance(x, (tuple, list)):
+                x = x[0]
+            model(x)
+            n += 1
+    finally:
+        for m, mom in zip(bns, momenta, strict=True):
+            m.momentum = mom
+        model.train(was_training)
+    if n == 0:
+        raise ValueError(
+            "bn_batches is empty; pass at least one batch of inputs to re-estimate BatchNorm statistics"
+        )
+    return n
+
+
+def predict_into(
+    model: nn.Module,
+    checkpoint_or_ghn: GHN | str | Path,
+    *,
+    example_inputs: Tensor | None = None,
+    bn_batches: Iterable[Tensor] | None = None,
+    noise: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> PredictReport:
+    """Predict all parameters of ``model`` with a GHN and write them into ``model`` in place.
+
+    .. math::
+        \\theta = H_\\phi(\\mathcal{G}(\\text{model})),\\qquad
+        W \\leftarrow W + \\epsilon\\,\\mathrm{std}(W)\\,\\xi,\\quad \\xi \\sim \\mathcal{N}(0, I)
+
+    The noise breaks the symmetry that tiling creates (repeated blocks of a weight get identical gradients
+    otherwise; GHN-3 adds noise of the same kind before fine-tuning). It applies to tensors with >= 2 dims.
+
+    Args:
+        model: any module; its parameters are overwritten.
+        checkpoint_or_ghn: a :class:`GHN` or a checkpoint path.
+        example_inputs: one batch ``[B, C, H, W]``; default: zeros of the GHN's dataset shape.
+        bn_batches: iterable of input batches (or ``(x, y)`` tuples) to re-estimate BatchNorm statistics.
+        noise: relative std ``epsilon`` of the symmetry-breaking noise (e.g. ``1e-2``); 0 disables it.
+        generator: RNG for the noise.
+
+    Returns:
+        A :class:`PredictReport`; unsupported parameters are also logged as a warning.
+
+    Raises:
+        ValueError: the model's input shape or class count differs from the GHN's dataset.
+    """
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    ghn = resolve_ghn(checkpoint_or_ghn)
+    if example_inputs is None:
+        if ghn.dataset is None:
+            raise ValueError("this GHN has no dataset info; pass example_inputs (one batch of model inputs)")
+        example_inputs = torch.zeros(2, *ghn.dataset.in_shape)
+    check_compatible(ghn, example_inputs, None)
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    try:
+        graph = model_to_graph(model, example_inputs.to(device), sp_cutoff=ghn.config.sp_cutoff)
+    except RuntimeError as e:  # e.g. a channel or size mismatch inside the model
+        trained = f" (the GHN was trained for inputs {tuple(ghn.dataset.in_shape)})" if ghn.dataset else ""
+        raise ValueError(
+            f"{type(model).__name__} failed on example inputs of shape {tuple(example_inputs.shape[1:])}"
+            f"{trained}: {e}"
+        ) from e
+    check_compatible(ghn, example_inputs, graph.output_shape[-1] if graph.output_shape else None)
+    was_training = ghn.training
+    ghn.eval()
+    named = dict(model.named_parameters())
+    report = PredictReport(unsupported=list(graph.unsupported))
+    with torch.no_grad():
+        for _, name, w in ghn.iter_predictions([graph]):  # one tensor at a time, written in place
+            if noise > 0 and w.dim() >= 2:
+                xi = torch.randn(w.shape, generator=generator, dtype=w.dtype, device=w.device)
+                w = w + noise * w.std() * xi
+            named[name].copy_(w)
+            report.predicted.append(name)
+    ghn.train(was_training)
+    report.seconds = time.perf_counter() - start
+    if report.unsupported:
+        n = len(report.unsupported)
+        msg = f"GHN did not predict {n} parameter(s), they keep default init: {report.unsupported}"
+        warnings.warn(msg, stacklevel=2)
+        log.warning(msg)
+    if bn_batches is not None:
+        report.bn_batches = reestimate_bn(model, bn_batches)
+    return report
+
+
+def default_checkpoint(dataset: str | None) -> Path:
+    """The shipped GHN for ``dataset``; a clear error lists what is shipped when none fits."""
+    shipped = shipped_checkpoints()
+    if dataset is None:
+        raise ValueError(
+            f"no GHN checkpoint given; pass ghn:PATH or a dataset with a shipped GHN ({sorted(shipped)})"
+        )
+    if dataset not in shipped:
+        raise ValueError(
+            f"no shipped GHN for dataset {dataset!r} (shipped: {sorted(shipped)}); train one with "
+            f"`quicktrain ghn train --dataset {dataset} --out ghn.pt` and use --init ghn:ghn.pt"
+        )
+    return shipped[dataset]
+
+
+def initializer(
+    checkpoint_path: str | Path | None = None,
+    *,
+    dataset: str | None = None,
+    noise: float = 0.0,
+) -> Callable[[nn.Module, Tensor], None]:
+    """An :data:`quicktrain.train.hooks.Initializer` for ``--init ghn[:CHECKPOINT]``.
+
+    Args:
+        checkpoint_path: a GHN checkpoint; ``None`` uses the shipped one for ``dataset``.
+        dataset: the run's dataset name (selects the shipped GHN when no path is given).
+        noise: symmetry-breaking noise (see :func:`predict_into`).
+
+    Returns:
+        ``init(model, example_inputs)``: predicts the parameters in place and re-estimates BatchNorm
+        statistics on ``example_inputs``.
+    """
+    path = Path(checkpoint_path) if checkpoint_path else default_checkpoint(dataset)
+    ghn = load_checkpoint(path)  # load (and validate) now, so a bad path fails before training starts
+
+    def init(model: nn.Module, example_inputs: Tensor) -> None:
+        predict_into(model, ghn, example_inputs=example_inputs, bn_batches=[example_inputs], noise=noise)
+
+    return init
+
+
+__all__ = ["PredictReport", "default_checkpoint", "initializer", "predict_into", "reestimate_bn"]
