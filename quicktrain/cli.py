@@ -12,6 +12,7 @@ from .boost import cli as boost_cli
 from .compose import build_hooks
 from .ghn import cli as ghn_cli
 from .kron import cli as kron_cli
+from .precond import cli as precond_cli
 from .train import TrainConfig, fit, load_recipe
 
 
@@ -62,6 +63,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parts.add_argument("--boost", action="store_true", help="NetBooster: expand, train, linearise, contract")
     parts.add_argument("--boost-ratio", type=int, default=d.boost_ratio)
     parts.add_argument("--plt-start", type=float, default=d.plt_start, help="fraction of steps where PLT starts")
+    parts.add_argument(
+        "--consolidate",
+        default=d.consolidate,
+        help="continue from this finished run folder, protecting what it learned with EWC",
+    )
+    parts.add_argument("--consolidate-strength", type=float, default=d.consolidate_strength, help="EWC lambda")
+    parts.add_argument(
+        "--consolidate-curvature",
+        choices=("diag", "kron", "unitwise"),
+        default=d.consolidate_curvature,
+        help="curvature representation of the EWC penalty",
+    )
     parts.add_argument("--plt-end", type=float, default=d.plt_end, help="fraction of steps where slopes reach 1")
 
 
@@ -131,6 +144,7 @@ def get_args_parser(train_defaults: dict | None = None) -> argparse.ArgumentPars
     boost_cli.add_subparser(sub)
     ghn_cli.add_subparser(sub)
     kron_cli.add_subparser(sub)
+    precond_cli.add_subparser(sub)
     bench.add_subparser(sub)
     return parser
 

@@ -20,6 +20,17 @@ def build_hooks(config: TrainConfig) -> Hooks:
         hooks.gradients = _precond_factory(config)
     if config.boost:
         hooks.transforms.append(_boost_transform(config))
+    if config.consolidate is not None:  # after --precond: the EWC penalty's gradient is preconditioned too
+        from . import precond
+
+        hooks.init, hooks.gradients = precond.consolidation_hooks(
+            config.consolidate,
+            strength=config.consolidate_strength,
+            representation=config.consolidate_curvature,
+            model_name=config.model,
+            dataset=config.dataset,
+            base=hooks.gradients,
+        )
     return hooks
 
 
@@ -27,6 +38,11 @@ def validate(config: TrainConfig) -> None:
     """Reject settings the parts cannot honour, before any data is loaded."""
     if config.init is not None and config.init.split(":", 1)[0] != "ghn":
         raise ValueError(f"Unknown --init {config.init!r}; choose 'ghn' or 'ghn:CHECKPOINT'")
+    if config.consolidate is not None and (config.init is not None or config.boost):
+        raise ValueError(
+            "--consolidate continues from a finished run's weights and architecture, so it cannot be combined "
+            "with --init (which replaces the weights) or --boost (which changes the architecture)"
+        )
 
 
 def _ghn_initializer(config: TrainConfig):

@@ -46,6 +46,9 @@ class TrainConfig:
     boost_ratio: int = 4
     plt_start: float = 0.5
     plt_end: float = 0.8
+    consolidate: str | None = None
+    consolidate_strength: float = 1000.0
+    consolidate_curvature: str = "diag"
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "eval_batch_size", "curvature_interval", "inverse_interval")

@@ -1,0 +1,167 @@
+"""K-BFGS (Goldfarb, Ren & Bahamou, "Practical Quasi-Newton Methods for Training Deep Neural Networks",
+NeurIPS 2020).
+
+For a Linear/Conv2d layer the Kronecker factor ``A`` is kept as in K-FAC and the inverse of the output factor is
+a BFGS matrix ``H ≈ G^{-1}`` updated from a secant pair of the layer's pre-activations ``h`` and their
+gradients ``g = ∂L/∂h`` (both averaged over the batch and positions) on the *same* batch at two parameter
+values: ``s = h̄(θ_{t'}) - h̄(θ_t)``, ``y = ḡ(θ_{t'}) - ḡ(θ_t)``. The pair is double-damped (§4 of the paper:
+Powell, when ``s^T y < 0.2\\, y^T H y`` replace ``s ← θ s + (1-θ) H y`` with
+``θ = 0.8\\, y^T H y / (y^T H y - s^T y)``; then Levenberg–Marquardt ``y ← y + √λ s``), and
+
+.. math::
+    H \\leftarrow (I - \\rho s y^\\top) H (I - \\rho y s^\\top) + \\rho s s^\\top, \\quad \\rho = 1/s^\\top y, \\qquad
+    \\Delta W = H\\, \\nabla W\\, (A + \\sqrt\\lambda I)^{-1}.
+
+The second point of each pair is evaluated at the next curvature step by an extra forward and backward pass
+on the previous curvature batch (kept in the state), with buffers left unchanged. Embedding layers use K-FAC
+and normalisation layers unit-wise blocks, fed by the ``fisher_type`` statistics (``emp`` by default, which
+reuses the loss backward).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from quicktrain.precond._math import damped_cholesky_inverse, kfac_factors
+from quicktrain.precond.curvature import _forward_keep_buffers
+from quicktrain.precond.kfac import KronEmbedding
+from quicktrain.precond.maker import CurvatureGradients, register
+from quicktrain.precond.natural_gradient import UnitWise
+from quicktrain.precond.representation import Representation, ema
+from quicktrain.precond.stats import (
+    KRON_TYPES,
+    NORM_TYPES,
+    LayerBatch,
+    LayerCapture,
+    all_reduce_mean,
+    kron_grad_matrix,
+    kron_set_grad,
+)
+from quicktrain.train.hooks import unwrap
+
+__all__ = ["KbfgsGradients", "KronBfgs", "damped_bfgs_update"]
+
+
+def damped_bfgs_update(h: Tensor, s: Tensor, y: Tensor, mu: float) -> Tensor:
+    """Damped BFGS update of an inverse-curvature matrix (batched over a leading group axis).
+
+    Args:
+        h: ``[groups, d, d]`` current inverse approximation (symmetric positive definite).
+        s: ``[groups, d]`` change of the variable.
+        y: ``[groups, d]`` change of the gradient.
+        mu: Levenberg–Marquardt damping ``μ`` (``y ← y + μ s``, after Powell's damping of ``s``).
+
+    Returns:
+        ``[groups, d, d]`` satisfying the secant equation ``H_new y' = s'`` for the damped pair.
+    """
+    hy = (h @ y.unsqueeze(-1)).squeeze(-1)
+    yhy = (y * hy).sum(-1, keepdim=True)
+    sy = (s * y).sum(-1, keepdim=True)
+    theta = torch.where(sy < 0.2 * yhy, 0.8 * yhy / (yhy - sy), torch.ones_like(sy))
+    s = theta * s + (1 - theta) * hy  # Powell's damping on H
+    y = y + mu * s  # Levenberg-Marquardt damping on H^{-1}
+    sy = (s * y).sum(-1, keepdim=True)
+    rho = (1.0 / sy).unsqueeze(-1)
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+    left = eye - rho * s.unsqueeze(-1) * y.unsqueeze(-2)
+    return left @ h @ left.transpose(-1, -2) + rho * s.unsqueeze(-1) * s.unsqueeze(-2)
+
+
+def _means(batch: LayerBatch) -> tuple[Tensor, Tensor]:
+    """Batch-and-position means of the layer output ``h̄`` and of the per-example output gradient ``ḡ``."""
+    m = batch.module
+    hs = [o for o in batch.outputs]
+    h = torch.cat([_kron_out(m, o) for o in hs], dim=1).mean((0, 1))
+    g = batch.kron_grads()  # gradients of the mean loss: N·g is the per-example gradient
+    return h, g.mean(1).sum(0)
+
+
+def _kron_out(module: nn.Module, out: Tensor) -> Tensor:
+    from quicktrain.precond.stats import _kron_grad
+
+    return _kron_grad(module, out)
+
+
+class KronBfgs(Representation):
+    """K-BFGS block of a Linear or Conv2d layer (see the module docstring)."""
+
+    _state = ("A", "A_inv", "H", "h_bar", "g_bar")
+
+    def update(self, batch: LayerBatch, decay: float) -> None:
+        fa, _ = kfac_factors(batch.kron_inputs(), batch.kron_grads()[:0], batch.n)
+        self.A = ema(self.A, all_reduce_mean(fa), decay)
+
+    def record(self, batch: LayerBatch) -> None:
+        """First point of the next secant pair (current parameters, current batch)."""
+        h, g = _means(batch)
+        self.h_bar, self.g_bar = all_reduce_mean(h), all_reduce_mean(g)
+        if self.H is None:
+            eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+            self.H = eye.expand(h.shape[0], -1, -1).clone()
+
+    def secant(self, batch: LayerBatch, damping: float) -> None:
+        """Second point: the previous batch at the current parameters; updates ``H``."""
+        h, g = _means(batch)
+        s = all_reduce_mean(h) - self.h_bar
+        y = all_reduce_mean(g) - self.g_bar
+        self.H = damped_bfgs_update(self.H, s, y, math.sqrt(damping))
+
+    def update_inverse(self, damping: float) -> None:
+        self.A_inv = damped_cholesky_inverse(self.A, math.sqrt(damping))
+
+    def precondition(self, damping: float) -> None:
+        grads = self.grads()
+        mat = kron_grad_matrix(self.module, grads["weight"], grads.get("bias"))
+        kron_set_grad(self.module, self.H @ mat @ self.A_inv)
+
+
+class KbfgsGradients(CurvatureGradients):
+    """K-BFGS maker: :class:`CurvatureGradients` plus the secant pass on the previous curvature batch."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, *, fisher_type: str = "emp", **config: Any) -> None:
+        reps = {t: KronBfgs for t in KRON_TYPES}
+        reps[nn.Embedding] = KronEmbedding
+        reps.update({t: UnitWise for t in NORM_TYPES})
+        super().__init__(model, loss_fn, method="kbfgs", reps=reps, fisher_type=fisher_type, **config)
+        self.kron = {n: m for n, m in self.modules.items() if isinstance(self.reps[n], KronBfgs)}
+        self.previous: tuple[Tensor, Tensor] | None = None
+
+    def _curvature_step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        if self.previous is not None and self.kron:
+            self._secant_pass(*self.previous)
+        with LayerCapture(self.kron, keep_outputs=True) as cap:
+            loss, logits = super()._curvature_step(inputs, targets)
+        n = inputs.shape[0]
+        main = slice(-1, None)  # the loss backward is the last pass
+        for name in self.kron:
+            self.reps[name].record(cap.batch(name, n, 1.0, main))
+        self.previous = (inputs.detach(), targets.detach())
+        return loss, logits
+
+    def _secant_pass(self, inputs: Tensor, targets: Tensor) -> None:
+        inner = unwrap(self.model)
+        probe = [m.bias if m.bias is not None else m.weight for m in self.kron.values()]
+        with LayerCapture(self.kron, keep_outputs=True) as cap:
+            logits = _forward_keep_buffers(inner, inputs)
+            torch.autograd.grad(self.loss_fn(logits, targets), probe, allow_unused=True)
+        for name in self.kron:
+            self.reps[name].secant(cap.batch(name, inputs.shape[0]), self.damping)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "previous": self.previous}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        prev = state["previous"]
+        device = next(iter(self.modules.values())).weight.device
+        self.previous = None if prev is None else (prev[0].to(device), prev[1].to(device))
+
+
+@register("kbfgs")
+def kbfgs(model: nn.Module, loss_fn: nn.Module, **config: Any) -> KbfgsGradients:
+    """K-BFGS; see :class:`KbfgsGradients` (options of :class:`CurvatureGradients`)."""
+    return KbfgsGradients(model, loss_fn, **config)

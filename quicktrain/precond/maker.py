@@ -1,0 +1,379 @@
+"""Gradient makers: one object per method that owns all its state and writes the preconditioned gradient.
+
+A maker's ``forward_backward(x, y)`` runs forward and backward (and the extra backward passes its curvature
+needs) and leaves ``Δθ = (C + damping)^{-1} ∇θ`` in every ``p.grad``, so any ``torch.optim`` optimizer applies
+it. Steps are counted from 0; step ``t`` refreshes the curvature when ``t < warmup`` or
+``t % curvature_interval == 0`` and the inverse when ``t < warmup`` or ``t % inverse_interval == 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from quicktrain.precond.curvature import FisherType, _fisher_type, loss_kind, n_examples, output_sqrt
+from quicktrain.precond.natural_gradient import FullModel
+from quicktrain.precond.representation import Representation
+from quicktrain.precond.stats import SUPPORTED_TYPES, LayerBatch, LayerCapture, check_module
+from quicktrain.train.hooks import unwrap
+
+__all__ = [
+    "CurvatureGradients",
+    "PlainGradients",
+    "RepresentationMap",
+    "list_methods",
+    "make",
+    "register",
+    "select_modules",
+]
+
+RepresentationMap = dict[type[nn.Module], Callable[[str, nn.Module], Representation]]
+"""Which representation each module type gets: ``{nn.Linear: KronFactored, ...}`` (subclasses match)."""
+
+_REGISTRY: dict[str, Callable[..., Any]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a maker factory ``factory(model, loss_fn, **config)`` under ``name`` (duplicates raise)."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _REGISTRY:
+            raise ValueError(f"preconditioner {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def list_methods() -> list[str]:
+    """Names accepted by :func:`make`, sorted."""
+    _load_methods()
+    return sorted(_REGISTRY)
+
+
+def make(name: str, model: nn.Module, loss_fn: nn.Module, **config: Any):
+    """Build the gradient maker ``name`` for ``model`` and ``loss_fn``.
+
+    Args:
+        name: one of :func:`list_methods`.
+        model: the model (may be wrapped in ``DistributedDataParallel``).
+        loss_fn: the loss module.
+        **config: method options, e.g. ``damping``, ``curvature_interval``, ``inverse_interval``, ``warmup``,
+            ``ema_decay``, ``fisher_type``, ``ignore_modules`` (see each method's factory).
+
+    Returns:
+        A :class:`quicktrain.train.hooks.GradientMaker`.
+
+    Raises:
+        ValueError: unknown name.
+    """
+    names = list_methods()
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown preconditioner {name!r}; choose from {names}")
+    return _REGISTRY[name](model, loss_fn, **config)
+
+
+def _load_methods() -> None:
+    # the method modules register themselves on import
+    from quicktrain.precond import kbfgs, methods, newton, psgd, shampoo  # noqa: F401
+
+
+# ------------------------------------------------------------------------------------------ config
+def check_common(damping: float, curvature_interval: int, inverse_interval: int, warmup: int,
+                 ema_decay: float | None) -> None:
+    """Validate the options every method shares; raise ``ValueError`` naming the bad value."""
+    if not damping > 0:
+        raise ValueError(f"damping must be > 0, got {damping}")
+    for key, v in (("curvature_interval", curvature_interval), ("inverse_interval", inverse_interval)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+    if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+
+
+def due(step: int, interval: int, warmup: int) -> bool:
+    """Whether step ``step`` refreshes a quantity updated every ``interval`` steps after ``warmup``."""
+    return step < warmup or step % interval == 0
+
+
+def _ignored(name: str, module: nn.Module, ignore: Iterable[Any]) -> bool:
+    for item in ignore:
+        if isinstance(item, str) and (name == item or name.startswith(item + ".")):
+            return True
+        if isinstance(item, type) and isinstance(module, item):
+            return True
+        if item is module:
+            return True
+    return False
+
+
+def select_modules(model: nn.Module, types: Iterable[type[nn.Module]], ignore: Iterable[Any] = (),
+                   unsupported: str = "error", method: str = "") -> dict[str, nn.Module]:
+    """Modules with trainable parameters that the method preconditions, by name.
+
+    Args:
+        model: the (unwrapped) model.
+        types: module types the method has a representation for.
+        ignore: module names (a name covers its children), module types or module objects whose
+            parameters keep the plain gradient.
+        unsupported: ``error`` (default) raises for a module with trainable parameters of another type;
+            ``identity`` leaves its parameters with the plain gradient.
+        method: method name, for messages.
+
+    Returns:
+        ``{name: module}`` in model order.
+    """
+    if unsupported not in ("error", "identity"):
+        raise ValueError(f"Unknown unsupported={unsupported!r}; choose from ['error', 'identity']")
+    types = tuple(types)
+    ignore = list(ignore)
+    out = {}
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own or _ignored(name, module, ignore):
+            continue
+        if isinstance(module, types):
+            check_module(name, module)
+            out[name] = module
+        elif unsupported == "error":
+            label = name or "<root>"
+            raise ValueError(f"module {label!r} ({type(module).__name__}) has trainable parameters but "
+                             f"{method or 'this method'} has no representation for it (supported: "
+                             f"{sorted({t.__name__ for t in types})}); pass ignore_modules=[{name!r}] or "
+                             "unsupported='identity' to apply the plain gradient to it")
+    if not out:
+        raise ValueError("no module to precondition: every trainable module is ignored or unsupported")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ makers
+class PlainGradients:
+    """``sgd``: no preconditioning, same interface (``loss.backward()``); it has no curvature, so the common
+    options are validated and have no effect."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, *, damping: float = 1e-3,
+                 curvature_interval: int = 1, inverse_interval: int = 1, warmup: int = 0,
+                 ema_decay: float | None = None, ignore_modules: Iterable[Any] = ()) -> None:
+        check_common(damping, curvature_interval, inverse_interval, warmup, ema_decay)
+        self.model, self.loss_fn, self.step = model, loss_fn, 0
+
+    def forward_backward(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.model(inputs)
+        loss = self.loss_fn(logits, targets)
+        loss.backward()
+        self.step += 1
+        return loss.detach(), logits.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": "sgd", "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_method(state, "sgd")
+        self.step = int(state["step"])
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj] if obj.is_floating_point() else []
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    return []
+
+
+def _check_method(state: dict[str, Any], method: str) -> None:
+    if state.get("method") != method:
+        raise ValueError(f"state was saved by preconditioner {state.get('method')!r}, not {method!r}")
+
+
+class RngState:
+    """A lazily created ``torch.Generator`` on the data's device whose state is saved and restored."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._gen: torch.Generator | None = None
+        self._pending: Tensor | None = None
+
+    def get(self, device: torch.device) -> torch.Generator:
+        if self._gen is None or self._gen.device != device:
+            self._gen = torch.Generator(device=device)
+            self._gen.manual_seed(self.seed)
+            if self._pending is not None:
+                self._gen.set_state(self._pending)
+                self._pending = None
+        return self._gen
+
+    def state_dict(self) -> Tensor | None:
+        return self._gen.get_state() if self._gen is not None else self._pending
+
+    def load_state_dict(self, state: Tensor | None) -> None:
+        self._gen, self._pending = None, state
+
+
+class CurvatureGradients:
+    """A curvature-preconditioned gradient maker, configured by per-type representations.
+
+    Each step: forward through ``model`` (the DDP wrapper when there is one), and on curvature steps extra
+    backward passes with the vectors of :func:`~quicktrain.precond.curvature.output_sqrt` (``emp`` reuses the
+    loss backward); statistics are averaged over ranks; then each representation writes ``(C_l+λ)^{-1}∇θ_l``.
+
+    Args:
+        model: the model (possibly DDP-wrapped).
+        loss_fn: ``nn.CrossEntropyLoss`` or ``nn.MSELoss`` (mean).
+        method: method name (state and messages).
+        reps: representation per module type; or None with ``full`` set.
+        full: ``cholesky`` or ``smw`` for one dense Fisher over all modules (``full_ng``, ``smw_ng``).
+        fisher_type: ``emp``, ``mc`` or ``exact``.
+        n_mc_samples: Monte-Carlo samples per example (``mc``).
+        damping: ``λ`` added to the curvature (see each representation for where).
+        curvature_interval: refresh statistics every this many steps.
+        inverse_interval: refresh inverses every this many steps.
+        warmup: refresh both at every step before this step.
+        ema_decay: moving-average decay of the statistics (0 keeps only the latest; None means 0.95).
+        ignore_modules: names/types/objects whose parameters keep the plain gradient.
+        unsupported: ``error`` or ``identity`` for modules of types without representation.
+        seed: seed of the maker's own random generator (Monte-Carlo sampling, sketches).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, *, method: str, reps: RepresentationMap | None,
+                 full: str | None = None, fisher_type: str = "mc", n_mc_samples: int = 1,
+                 damping: float = 1e-3, curvature_interval: int = 1, inverse_interval: int = 1, warmup: int = 0,
+                 ema_decay: float | None = None, ignore_modules: Iterable[Any] = (), unsupported: str = "error",
+                 seed: int = 0) -> None:
+        ema_decay = 0.95 if ema_decay is None else ema_decay
+        check_common(damping, curvature_interval, inverse_interval, warmup, ema_decay)
+        loss_kind(loss_fn)
+        self.fisher_type = _fisher_type(fisher_type)
+        if n_mc_samples < 1:
+            raise ValueError(f"n_mc_samples must be >= 1, got {n_mc_samples}")
+        self.model, self.loss_fn, self.method = model, loss_fn, method
+        self.n_mc_samples, self.damping = n_mc_samples, damping
+        self.curvature_interval, self.inverse_interval, self.warmup = curvature_interval, inverse_interval, warmup
+        self.ema_decay = ema_decay
+        types = tuple(reps) if reps is not None else SUPPORTED_TYPES
+        self.modules = select_modules(unwrap(model), types, ignore_modules, unsupported, method)
+        self.reps: dict[str, Representation] = {}
+        self.full: FullModel | None = None
+        if reps is None:
+            self.full = FullModel(self.modules, solver=full or "cholesky")
+        else:
+            for name, module in self.modules.items():
+                factory = next(f for t, f in reps.items() if isinstance(module, t))
+                self.reps[name] = factory(name, module)
+        self.rng = RngState(seed)
+        self.step = 0
+        self._has_curvature = False
+        self._has_inverse = False
+        self._probe = [m.bias if getattr(m, "bias", None) is not None and m.bias.requires_grad else m.weight
+                       for m in self.modules.values()]
+
+    # -- one step
+    def forward_backward(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        t = self.step
+        if due(t, self.curvature_interval, self.warmup) or not self._has_curvature:
+            loss, logits = self._curvature_step(inputs, targets)
+            self._has_curvature = True
+        else:
+            logits = self.model(inputs)
+            loss = self.loss_fn(logits, targets)
+            loss.backward()
+        if due(t, self.inverse_interval, self.warmup) or not self._has_inverse:
+            for name, rep in self._named_reps():
+                try:
+                    rep.update_inverse(self.damping)
+                except torch.linalg.LinAlgError as e:
+                    raise FloatingPointError(f"{self.method}: inverse failed in layer {name!r} at step {t} ({e}); "
+                                             "raise the damping") from e
+            self._has_inverse = True
+        for rep in self._all_reps():
+            rep.precondition(self.damping)
+        self._check_grads(t)
+        self.step += 1
+        return loss.detach(), logits.detach()
+
+    def _all_reps(self) -> list:
+        return [self.full] if self.full is not None else list(self.reps.values())
+
+    def _named_reps(self) -> list[tuple[str, Any]]:
+        return [("<all>", self.full)] if self.full is not None else list(self.reps.items())
+
+    def _check_statistics(self, step: int) -> None:
+        """Raise naming the first layer whose statistics hold NaN/Inf (one device sync when all are fine)."""
+        named = [(name, t) for name, rep in self._named_reps()
+                 for key, v in rep.state_dict().items() if not key.endswith("_inv") for t in _tensors(v)]
+        if named and not bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
+            bad = next(name for name, t in named if not bool(torch.isfinite(t).all()))
+            raise FloatingPointError(f"{self.method}: non-finite curvature statistics in layer {bad!r} at step "
+                                     f"{step}; check the inputs' scale, lower the learning rate")
+
+    def _curvature_step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        with LayerCapture(self.modules) as cap:
+            logits = self.model(inputs)
+            loss = self.loss_fn(logits, targets)
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError(f"{self.method}: non-finite loss at step {self.step}; the model or the "
+                                         "data hold NaN/Inf, or the learning rate is too high")
+            if self.fisher_type is FisherType.EMP:
+                loss.backward()
+                scale, passes = math.sqrt(n_examples(self.loss_fn, logits, targets)), slice(0, 1)
+            else:
+                vecs = output_sqrt(self.loss_fn, logits, targets, self.fisher_type, n_samples=self.n_mc_samples,
+                                   generator=self.rng.get(logits.device))
+                for v in vecs:
+                    torch.autograd.grad(logits, self._probe, v, retain_graph=True, allow_unused=True)
+                loss.backward()
+                scale, passes = 1.0, slice(0, len(vecs))
+        n = inputs.shape[0]
+        batches = {name: cap.batch(name, n, scale, passes) for name in self.modules}
+        self._update(batches)
+        self._check_statistics(self.step)
+        return loss, logits
+
+    def _update(self, batches: dict[str, LayerBatch]) -> None:
+        if self.full is not None:
+            self.full.update(batches, self.ema_decay)
+            return
+        device = next(iter(self.modules.values())).weight.device
+        for name, rep in self.reps.items():
+            if hasattr(rep, "generator"):
+                rep.generator = self.rng.get(device)
+            rep.step = self.step
+            rep.update(batches[name], self.ema_decay)
+
+    def _check_grads(self, step: int) -> None:
+        params = [(name, p) for name, m in self.modules.items() for p in m.parameters(recurse=False)
+                  if p.requires_grad]
+        ok = torch.stack([torch.isfinite(p.grad).all() for _, p in params]).all()
+        if not bool(ok):
+            bad = next(name for name, p in params if not bool(torch.isfinite(p.grad).all()))
+            raise FloatingPointError(f"{self.method}: non-finite preconditioned gradient in layer {bad!r} at step "
+                                     f"{step}; raise the damping or lower the learning rate")
+
+    # -- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "step": self.step,
+            "has_curvature": self._has_curvature,
+            "has_inverse": self._has_inverse,
+            "rng": self.rng.state_dict(),
+            "layers": {name: rep.state_dict() for name, rep in self.reps.items()},
+            "full": self.full.state_dict() if self.full is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_method(state, self.method)
+        if set(state["layers"]) != set(self.reps):
+            raise ValueError(f"state has layers {sorted(state['layers'])}, this maker {sorted(self.reps)}")
+        self.step = int(state["step"])
+        self._has_curvature, self._has_inverse = bool(state["has_curvature"]), bool(state["has_inverse"])
+        self.rng.load_state_dict(state["rng"])
+        for name, rep in self.reps.items():
+            rep.load_state_dict(state["layers"][name])
+        if self.full is not None:
+            self.full.load_state_dict(state["full"])

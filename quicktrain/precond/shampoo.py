@@ -1,0 +1,160 @@
+"""Shampoo (Gupta, Koren & Singer, "Shampoo: Preconditioned Stochastic Tensor Optimization", ICML 2018).
+
+A parameter of order ``k`` (a vector ``k=1``, a Linear weight ``k=2``, a Conv2d weight ``k=4``) gets one
+statistic per axis, the gradient contracted with itself over all other axes, summed over steps (or averaged
+with ``ema_decay``), and the update contracts the gradient with each statistic's ``-1/(2k)`` power
+(Alg. 2 of the paper):
+
+.. math::
+    L^{(i)}_t = L^{(i)}_{t-1} + G_{t,(i)} G_{t,(i)}^\\top, \\qquad
+    \\Delta W = G_t \\times_1 (L^{(1)}_t + \\epsilon I)^{-1/2k} \\cdots \\times_k (L^{(k)}_t + \\epsilon I)^{-1/2k}
+
+(for a matrix: ``(L + εI)^{-1/4} G (R + εI)^{-1/4}``; ``ε`` is ``damping``, or ``damping · λ_max`` with
+``relative_eps``). The roots are computed every ``inverse_interval`` steps by ``eigh`` in float64, batched over
+all statistics of the same size. Axes of length 1 or longer than ``max_dim`` keep the identity (the paper's
+treatment of large dimensions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from quicktrain.precond.maker import _check_method, _ignored, check_common, due, register
+from quicktrain.precond.representation import ema
+from quicktrain.train.hooks import unwrap
+
+__all__ = ["ShampooGradients", "as_matrix", "trainable_params"]
+
+
+def trainable_params(model: nn.Module, ignore: Iterable[Any]) -> dict[str, nn.Parameter]:
+    """Trainable parameters by name, without those of ignored modules."""
+    ignore = list(ignore)
+    out = {}
+    for mname, module in model.named_modules():
+        if _ignored(mname, module, ignore):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                out[f"{mname}.{pname}" if mname else pname] = p
+    return out
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    """``[dim0, prod(rest)]`` view (a scalar or vector becomes ``[d, 1]``)."""
+    if t.dim() <= 1:
+        return t.reshape(-1, 1)
+    return t.reshape(t.shape[0], -1)
+
+
+class ShampooGradients:
+    """Shampoo gradient maker (see the module docstring).
+
+    Args:
+        model: the model (possibly DDP-wrapped; the gradient it preconditions is already rank-averaged).
+        loss_fn: any loss.
+        damping: ``ε`` added to every eigenvalue of every statistic.
+        curvature_interval: update the statistics every this many steps.
+        inverse_interval: recompute the inverse roots every this many steps.
+        warmup: update both every step before this step.
+        ema_decay: None sums the statistics as the paper does; a value averages them.
+        ignore_modules: names/types/objects whose parameters keep the plain gradient.
+        max_dim: axes longer than this are not preconditioned.
+        relative_eps: use ``ε · λ_max(L)`` instead of ``ε`` (the reference implementation's ridge).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, *, damping: float = 1e-4,
+                 curvature_interval: int = 1, inverse_interval: int = 1, warmup: int = 0,
+                 ema_decay: float | None = None, ignore_modules: Iterable[Any] = (), max_dim: int = 4096,
+                 relative_eps: bool = False) -> None:
+        check_common(damping, curvature_interval, inverse_interval, warmup, ema_decay)
+        self.model, self.loss_fn = model, loss_fn
+        self.damping, self.ema_decay, self.max_dim, self.relative_eps = damping, ema_decay, max_dim, relative_eps
+        self.curvature_interval, self.inverse_interval, self.warmup = curvature_interval, inverse_interval, warmup
+        self.params = trainable_params(unwrap(model), ignore_modules)
+        self.axes = {n: [i for i, d in enumerate(_shape(p)) if 1 < d <= max_dim] for n, p in self.params.items()}
+        self.stats: dict[str, dict[str, Tensor]] = {}
+        self.roots: dict[str, dict[str, Tensor]] = {}
+        self.step = 0
+
+    def forward_backward(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.model(inputs)
+        loss = self.loss_fn(logits, targets)
+        loss.backward()
+        t = self.step
+        grads = {}
+        for name, p in self.params.items():
+            if p.grad is None:
+                raise RuntimeError(f"parameter {name!r} has no gradient; pass ignore_modules=[...] for it")
+            grads[name] = p.grad.reshape(_shape(p))
+        if due(t, self.curvature_interval, self.warmup) or not self.stats:
+            self._update_statistics(grads)
+        if due(t, self.inverse_interval, self.warmup) or not self.roots:
+            self._update_roots()
+        for name, p in self.params.items():
+            out = grads[name]
+            roots = self.roots[name]
+            for i in range(out.dim()):  # contracting axis 0 each time cycles the axes back into order
+                key = str(i)
+                out = torch.tensordot(out, roots[key], dims=([0], [0])) if key in roots else out.movedim(0, -1)
+            p.grad = out.reshape(p.shape).contiguous()
+        self._check(t)
+        self.step += 1
+        return loss.detach(), logits.detach()
+
+    def _update_statistics(self, grads: dict[str, Tensor]) -> None:
+        for name, g in grads.items():
+            st = self.stats.setdefault(name, {})
+            for i in self.axes[name]:
+                other = [j for j in range(g.dim()) if j != i]
+                new = torch.tensordot(g, g, dims=(other, other))
+                old = st.get(str(i))
+                st[str(i)] = (new if old is None else old + new) if self.ema_decay is None \
+                    else ema(old, new, self.ema_decay)
+
+    def _update_roots(self) -> None:
+        """All ``(L + εI)^{-1/2k}`` with one batched float64 ``eigh`` per statistic size."""
+        by_size: dict[int, list[tuple[str, str, float]]] = {}
+        for name, st in self.stats.items():
+            order = len(_shape(self.params[name]))
+            for key, m in st.items():
+                by_size.setdefault(m.shape[0], []).append((name, key, -1.0 / (2 * order)))
+        self.roots = {name: {} for name in self.params}
+        for items in by_size.values():
+            mats = torch.stack([self.stats[n][k] for n, k, _ in items]).double()
+            s, u = torch.linalg.eigh(0.5 * (mats + mats.transpose(-1, -2)))
+            s = s.clamp_min(0.0)
+            eps = self.damping * s[:, -1:].clamp_min(1e-30) if self.relative_eps else self.damping
+            power = torch.tensor([pw for _, _, pw in items], dtype=s.dtype, device=s.device).unsqueeze(-1)
+            roots = (u * ((s + eps) ** power).unsqueeze(-2)) @ u.transpose(-1, -2)
+            for (n, k, _), r in zip(items, roots, strict=True):
+                self.roots[n][k] = r.to(self.stats[n][k].dtype)
+
+    def _check(self, t: int) -> None:
+        ps = list(self.params.items())
+        if not bool(torch.stack([torch.isfinite(p.grad).all() for _, p in ps]).all()):
+            bad = next(n for n, p in ps if not bool(torch.isfinite(p.grad).all()))
+            raise FloatingPointError(f"shampoo: non-finite update of {bad!r} at step {t}; raise the damping")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": "shampoo", "step": self.step, "stats": self.stats, "roots": self.roots}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_method(state, "shampoo")
+        self.step = int(state["step"])
+        dev = {n: p.device for n, p in self.params.items()}
+        self.stats = {n: {k: v.to(dev[n]) for k, v in d.items()} for n, d in state["stats"].items()}
+        self.roots = {n: {k: v.to(dev[n]) for k, v in d.items()} for n, d in state["roots"].items()}
+
+
+def _shape(p: Tensor) -> tuple[int, ...]:
+    return tuple(p.shape) if p.dim() > 0 else (1,)
+
+
+@register("shampoo")
+def shampoo(model: nn.Module, loss_fn: nn.Module, **config: Any) -> ShampooGradients:
+    """Shampoo; see :class:`ShampooGradients` for options."""
+    return ShampooGradients(model, loss_fn, **config)

@@ -1,0 +1,340 @@
+"""Collect layer inputs and output gradients with hooks, and turn them into per-layer statistics.
+
+:class:`LayerCapture` registers a forward hook on each module; the hook stores the module's input and puts a
+pre-hook on the autograd node that produced the output, which receives ``∂(·)/∂output`` in every backward
+pass through the graph (``loss.backward()`` and each ``autograd.grad`` for extra Fisher vectors). Node hooks
+see the output as the module produced it, so later in-place ops (``ReLU(inplace=True)``) do not disturb them.
+All handles are removed on exit. :class:`LayerBatch` turns the records of one module into the views the
+representations need (Kronecker inputs/gradients, per-example gradients).
+
+Supported module types: ``nn.Linear`` (any leading dims: extra dims are weight-sharing positions),
+``nn.Conv2d`` (zeros padding, any stride/dilation/groups), ``nn.Embedding`` (no ``max_norm``, not sparse, no
+``scale_grad_by_freq``), ``nn.BatchNorm1d/2d/3d``, ``nn.LayerNorm``, ``nn.GroupNorm``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn import functional as F  # noqa: N812
+
+__all__ = [
+    "KRON_TYPES",
+    "NORM_TYPES",
+    "SUPPORTED_TYPES",
+    "LayerBatch",
+    "LayerCapture",
+    "all_gather_rows",
+    "all_reduce_mean",
+    "check_module",
+    "kron_grad_matrix",
+    "kron_set_grad",
+]
+
+KRON_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+SUPPORTED_TYPES = (*KRON_TYPES, nn.Embedding, *NORM_TYPES)
+
+
+def check_module(name: str, module: nn.Module) -> None:
+    """Raise ``ValueError`` naming the fix when ``module`` has options the statistics do not model."""
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        raise ValueError(f"Conv2d {name!r} has padding_mode={module.padding_mode!r}; only 'zeros' is "
+                         "supported; pass ignore_modules=[...] to leave it unpreconditioned")
+    if isinstance(module, nn.Conv2d) and isinstance(module.padding, str) and module.padding != "valid":
+        if module.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size,
+                                                                             strict=True)):
+            raise ValueError(f"Conv2d {name!r}: asymmetric 'same' padding is not supported; pad explicitly")
+    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse
+                                             or module.scale_grad_by_freq):
+        raise ValueError(f"Embedding {name!r} uses max_norm/sparse/scale_grad_by_freq, which are not supported")
+    own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    frozen = [n for n, p in module.named_parameters(recurse=False) if not p.requires_grad]
+    if own and frozen:
+        raise ValueError(f"module {name!r} has trainable {own} and frozen {frozen} parameters; freeze all or "
+                         "none of them, or pass ignore_modules=[...]")
+
+
+# ------------------------------------------------------------------------------------------ capture
+@dataclass
+class _Call:
+    input: Tensor
+    output: Tensor | None = None
+    grads: list[Tensor] = field(default_factory=list)
+
+
+class LayerCapture:
+    """Context manager recording inputs and output gradients of named modules.
+
+    Args:
+        modules: ``{name: module}`` to watch.
+        keep_outputs: also keep each output (detached), e.g. for K-BFGS.
+
+    Attributes:
+        calls: ``{name: [call, ...]}``, one entry per forward call of the module; ``call.grads[k]`` is the
+            gradient of the k-th backward pass at its output.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], *, keep_outputs: bool = False) -> None:
+        self.modules = modules
+        self.keep_outputs = keep_outputs
+        self.calls: dict[str, list[_Call]] = {name: [] for name in modules}
+        self._handles: list = []
+
+    def __enter__(self) -> LayerCapture:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _forward_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+            if not torch.is_grad_enabled():
+                return
+            if not isinstance(out, Tensor):
+                raise TypeError(f"module {name!r} returned {type(out).__name__}; only tensor outputs are supported")
+            call = _Call(args[0].detach(), out.detach() if self.keep_outputs else None)
+            self.calls[name].append(call)
+            node = out.grad_fn
+            if node is None:
+                return
+            nr, shape, dtype, device = out.output_nr, out.shape, out.dtype, out.device
+
+            def prehook(grad_outputs: tuple[Tensor | None, ...]) -> None:
+                g = grad_outputs[nr]
+                call.grads.append(torch.zeros(shape, dtype=dtype, device=device) if g is None else g.detach())
+
+            self._handles.append(node.register_prehook(prehook))
+
+        return hook
+
+    def batch(self, name: str, n: int, scale: float = 1.0, passes: slice = slice(None)) -> LayerBatch:
+        """The :class:`LayerBatch` of module ``name`` over the backward passes ``passes`` (scaled)."""
+        calls = self.calls[name]
+        if not calls:
+            raise RuntimeError(f"module {name!r} was not called in the forward pass; pass ignore_modules=[...] "
+                               "for modules the model does not use")
+        counts = {len(c.grads) for c in calls}
+        if len(counts) != 1:
+            raise RuntimeError(f"module {name!r}: its output received gradients in some backward passes only")
+        return LayerBatch(self.modules[name], [c.input for c in calls],
+                          [[g * scale if scale != 1.0 else g for g in c.grads[passes]] for c in calls], n,
+                          [c.output for c in calls])
+
+
+# --------------------------------------------------------------------------------------- layer views
+def _conv_unfold(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """Patches ``[N, L, Cin*kh*kw]`` of a conv input (the columns the conv multiplies by its weight).
+
+    Built from strided ``Tensor.unfold`` views and one copy (faster than ``F.unfold`` on CPU); the column order
+    is (channel, kh, kw) like the weight's.
+    """
+    padding = module.padding
+    if isinstance(padding, str):
+        padding = (0, 0) if padding == "valid" else tuple(d * (k - 1) // 2 for d, k in
+                                                          zip(module.dilation, module.kernel_size, strict=True))
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    if any(padding):
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    x = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)  # n, c, h_out, w_out, ekh, ekw
+    if dh > 1 or dw > 1:
+        x = x[..., ::dh, ::dw]
+    n, c, ho, wo = x.shape[:4]
+    return x.permute(0, 2, 3, 1, 4, 5).reshape(n, ho * wo, c * kh * kw)
+
+
+def _kron_input(module: nn.Module, x: Tensor, with_bias: bool = True) -> Tensor:
+    """Layer input as ``[N, L, groups, d_in]`` (with a trailing 1 per group when the layer has a bias)."""
+    if isinstance(module, nn.Linear):
+        a = x.reshape(x.shape[0], -1, 1, x.shape[-1])
+    else:
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        cols = _conv_unfold(module, x)
+        a = cols.reshape(cols.shape[0], cols.shape[1], module.groups, -1)
+    if module.bias is not None and with_bias:
+        a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+    return a
+
+
+def _kron_grad(module: nn.Module, g: Tensor) -> Tensor:
+    """Output gradient as ``[N, L, groups, d_out]``."""
+    if isinstance(module, nn.Linear):
+        return g.reshape(g.shape[0], -1, 1, g.shape[-1])
+    if g.dim() == 3:
+        g = g.unsqueeze(0)
+    n, c = g.shape[:2]
+    return g.reshape(n, module.groups, c // module.groups, -1).permute(0, 3, 1, 2)
+
+
+def kron_grad_matrix(module: nn.Module, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Weight (and bias column) of a Linear/Conv2d as ``[groups, d_out, d_in(+1)]``."""
+    groups = getattr(module, "groups", 1)
+    w = weight.reshape(groups, weight.shape[0] // groups, -1)
+    if bias is not None:
+        w = torch.cat([w, bias.reshape(groups, -1, 1)], dim=-1)
+    return w
+
+
+def kron_set_grad(module: nn.Module, mat: Tensor) -> None:
+    """Write ``[groups, d_out, d_in(+1)]`` back into ``weight.grad`` (and ``bias.grad``)."""
+    w = module.weight
+    if module.bias is not None:
+        module.bias.grad = mat[..., -1].reshape(module.bias.shape).contiguous()
+        mat = mat[..., :-1]
+    w.grad = mat.reshape(w.shape).contiguous()
+
+
+def _norm_xhat(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
+    """Normalised input ``x̂`` laid out as ``[N, P, U]`` (positions, units) and the number of units ``U``."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if module.training or not module.track_running_stats:
+            dims = [0, *range(2, x.dim())]
+            mean = x.mean(dims, keepdim=True)
+            var = x.var(dims, unbiased=False, keepdim=True)
+        else:
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            mean, var = module.running_mean.view(shape), module.running_var.view(shape)
+        xhat = (x - mean) / torch.sqrt(var + module.eps)
+        return xhat.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2), x.shape[1]
+    if isinstance(module, nn.GroupNorm):
+        xhat = F.group_norm(x, module.num_groups, eps=module.eps)
+        return xhat.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2), x.shape[1]
+    units = math.prod(module.normalized_shape)
+    xhat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+    return xhat.reshape(x.shape[0], -1, units), units
+
+
+def _norm_grad(module: nn.Module, g: Tensor) -> Tensor:
+    if isinstance(module, nn.LayerNorm):
+        return g.reshape(g.shape[0], -1, math.prod(module.normalized_shape))
+    return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
+
+
+class LayerBatch:
+    """Records of one module for one batch: inputs per call and, per call, K output gradients.
+
+    Args:
+        module: the module.
+        inputs: its input per forward call.
+        grads: ``grads[call][k]``: output gradient of backward vector ``k`` (already scaled).
+        n: batch size ``N``.
+        outputs: outputs per call (or Nones).
+    """
+
+    def __init__(self, module: nn.Module, inputs: list[Tensor], grads: list[list[Tensor]], n: int,
+                 outputs: list[Tensor | None] | None = None) -> None:
+        self.module, self.inputs, self.grads, self.n = module, inputs, grads, n
+        self.outputs = outputs or [None] * len(inputs)
+        self.k = len(grads[0])
+
+    def kron_inputs(self, with_bias: bool = True) -> Tensor:
+        """``[N, L, groups, d_in]`` with calls concatenated along ``L`` (bias column unless ``with_bias=False``)."""
+        return torch.cat([_kron_input(self.module, x, with_bias) for x in self.inputs], dim=1)
+
+    def kron_grads(self) -> Tensor:
+        """``[K*N, L, groups, d_out]``."""
+        per_call = [torch.cat([_kron_grad(self.module, g) for g in gs], dim=0) for gs in self.grads]
+        return torch.cat(per_call, dim=1)
+
+    def embedding_inputs(self) -> tuple[Tensor, int]:
+        """Token indices ``[N, L]`` over all calls and the number of positions per example ``L``."""
+        idx = torch.cat([x.reshape(x.shape[0], -1) for x in self.inputs], dim=1)
+        return idx, idx.shape[1]
+
+    def embedding_grads(self) -> Tensor:
+        """``[K*N, L, D]``."""
+        d = self.module.embedding_dim
+        return torch.cat([torch.cat([g.reshape(g.shape[0], -1, d) for g in gs], 0) for gs in self.grads], 1)
+
+    def unit_grads(self) -> Tensor:
+        """Per-example (weight, bias) gradients of each unit of a norm layer, ``[K*N, U, 1 or 2]``."""
+        outs = []
+        for x, gs in zip(self.inputs, self.grads, strict=True):
+            xhat, _ = _norm_xhat(self.module, x)
+            for g in gs:
+                gg = _norm_grad(self.module, g)
+                cols = [(gg * xhat).sum(1)] if self.module.weight is not None else []
+                if self.module.bias is not None:
+                    cols.append(gg.sum(1))
+                outs.append(torch.stack(cols, dim=-1))
+        k = self.k
+        per_call = [torch.cat(outs[i * k:(i + 1) * k], 0) for i in range(len(self.inputs))]
+        return torch.stack(per_call).sum(0)
+
+    def per_example_grads(self) -> dict[str, Tensor]:
+        """Per-example (and per backward vector) parameter gradients ``{name: [K*N, *shape]}``.
+
+        For a Kronecker layer ``∇W_n = Σ_l g_{nl} a_{nl}^T``; for an embedding the rows of the tokens used;
+        for norm layers ``(Σ_l g x̂, Σ_l g)`` per unit. BatchNorm in training mode couples examples through
+        the batch statistics; this treats the statistics as constants (exact for ``N=1`` or eval mode).
+        """
+        m = self.module
+        if isinstance(m, KRON_TYPES):
+            a, g = self.kron_inputs(), self.kron_grads()
+            k = g.shape[0] // a.shape[0]
+            a = a.repeat(k, 1, 1, 1)
+            mat = torch.einsum("nlgo,nlgi->ngoi", g, a)
+            out = {}
+            if m.bias is not None:
+                out["bias"] = mat[..., -1].reshape(mat.shape[0], *m.bias.shape)
+                mat = mat[..., :-1]
+            out["weight"] = mat.reshape(mat.shape[0], *m.weight.shape)
+            return out
+        if isinstance(m, nn.Embedding):
+            idx, _ = self.embedding_inputs()
+            g = self.embedding_grads()
+            kn = g.shape[0]
+            idx = idx.repeat(kn // idx.shape[0], 1)
+            pe = g.new_zeros(kn, m.num_embeddings, m.embedding_dim)
+            rows = torch.arange(kn, device=g.device).unsqueeze(1).expand_as(idx)
+            pe.index_put_((rows.reshape(-1), idx.reshape(-1)), g.reshape(-1, m.embedding_dim), accumulate=True)
+            if m.padding_idx is not None:
+                pe[:, m.padding_idx] = 0
+            return {"weight": pe}
+        if isinstance(m, NORM_TYPES):
+            ug = self.unit_grads()
+            out, i = {}, 0
+            for pname in ("weight", "bias"):
+                p = getattr(m, pname)
+                if p is not None:
+                    out[pname] = ug[..., i].reshape(ug.shape[0], *p.shape)
+                    i += 1
+            return out
+        raise TypeError(f"no per-example gradients for {type(m).__name__}")
+
+
+# -------------------------------------------------------------------------------------- distributed
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_mean(t: Tensor) -> Tensor:
+    """Average ``t`` over ranks in place when ``torch.distributed`` is initialised; returns ``t``."""
+    if _distributed():
+        buf = t if t.is_contiguous() else t.contiguous()  # collectives need dense storage
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        buf /= dist.get_world_size()
+        if buf is not t:
+            t.copy_(buf)
+    return t
+
+
+def all_gather_rows(t: Tensor) -> Tensor:
+    """Concatenate the rows ``[K, ...]`` of every rank (same shape on every rank), scaled by
+    ``1/√world`` so that ``Σ rows rowsᵀ`` is the rank average."""
+    if not _distributed():
+        return t
+    world = dist.get_world_size()
+    out = t.new_empty(world * t.shape[0], *t.shape[1:])
+    dist.all_gather_into_tensor(out, t.contiguous())
+    return out / math.sqrt(world)

@@ -1,0 +1,301 @@
+"""Each representation and solver against a dense float64 solve of the same damped matrix.
+
+References come from ``torch.func`` (Jacobians, Hessians) and explicit loops, never from the package's hooks.
+"""
+
+import math
+
+import pytest
+import scipy.linalg
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from quicktrain import precond
+from quicktrain.precond.curvature import output_sqrt
+from quicktrain.precond.ekfac import EigenCorrectedKron
+
+LAM = 0.1
+
+
+def _step(name, model, x, y, **config):
+    maker = precond.make(name, model, nn.CrossEntropyLoss(), damping=LAM, **config)
+    model.zero_grad()
+    maker.forward_backward(x, y)
+    return maker, torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def _offsets(model):
+    out, i = {}, 0
+    for n, p in model.named_parameters():
+        out[n] = i
+        i += p.numel()
+    return out
+
+
+def _blocks(model, kind):
+    """Index sets of the blocks each representation keeps, from the dense layout of model.parameters()."""
+    off, blocks = _offsets(model), []
+    for mname, m in model.named_modules():
+        own = dict(m.named_parameters(recurse=False))
+        if not own:
+            continue
+        idx = {n: off[f"{mname}.{n}"] + torch.arange(p.numel()).view(p.shape) for n, p in own.items()}
+        if kind == "layer":
+            blocks.append(torch.cat([t.reshape(-1) for t in idx.values()]))
+        elif kind == "diag":
+            blocks += [t.reshape(1) for v in idx.values() for t in v.reshape(-1)]
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):  # unit = one output unit's weights and bias
+            w = idx["weight"].reshape(idx["weight"].shape[0], -1)
+            for o in range(w.shape[0]):
+                blocks.append(torch.cat([w[o], idx["bias"][o:o + 1]]) if "bias" in idx else w[o])
+        elif isinstance(m, nn.Embedding):  # unit = one token's row
+            blocks += list(idx["weight"])
+        else:  # norm layers: (weight, bias) of each unit
+            blocks += [torch.stack([idx["weight"].reshape(-1)[u], idx["bias"].reshape(-1)[u]])
+                       for u in range(idx["weight"].numel())]
+    return blocks
+
+
+def _block_solve(mat, g, blocks):
+    out = torch.zeros_like(g)
+    for b in blocks:
+        sub = mat[b][:, b] + LAM * torch.eye(len(b), dtype=mat.dtype)
+        out[b] = torch.linalg.solve(sub, g[b])
+    return out
+
+
+@pytest.mark.parametrize(("method", "kind"), [("full_ng", "full"), ("smw_ng", "full"), ("layerwise_ng", "layer"),
+                                              ("unitwise_ng", "unit"), ("diag_ng", "diag")])
+def test_natural_gradients_equal_dense_block_solves(method, kind, case, ref):
+    model, x, y = case["model"], case["x"], case["y"]
+    fn = nn.CrossEntropyLoss()
+    ggn = ref.ggn(model, fn, x, y)  # exact Fisher = GGN for cross-entropy
+    g = ref.grad(model, fn, x, y)
+    _, out = _step(method, model, x, y, fisher_type="exact")
+    n = g.numel()
+    blocks = [torch.arange(n)] if kind == "full" else _blocks(model, kind)
+    torch.testing.assert_close(out, _block_solve(ggn, g, blocks))
+
+
+def test_smw_ng_empirical_equals_dense_per_example_solve(ref):
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    pe = ref.per_example_grads(model, nn.CrossEntropyLoss(), x, y)
+    _, out = _step("smw_ng", model, x, y)
+    f = pe.T @ pe / 4
+    torch.testing.assert_close(out, torch.linalg.solve(f + LAM * torch.eye(f.shape[0], dtype=f.dtype),
+                                                       pe.mean(0)))
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_kfac_equals_exact_fisher_block_of_linear_layer_for_one_example(layer, ref):
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(1, 4, dtype=torch.float64), torch.randint(0, 3, (1,))
+    maker, _ = _step("kfac", model, x, y, fisher_type="exact")
+    rep = maker.reps[str(layer)]
+    ggn = ref.ggn(model, nn.CrossEntropyLoss(), x, y)
+    off, lin = _offsets(model), model[layer]
+    o, i = lin.weight.shape
+    # vec([W | b]) stacks columns: entry (r, c) sits at c * o + r
+    idx = torch.cat([off[f"{layer}.weight"] + torch.arange(o * i).view(o, i), off[f"{layer}.bias"]
+                     + torch.arange(o).view(o, 1)], dim=1).T.reshape(-1)
+    torch.testing.assert_close(torch.kron(rep.A[0], rep.G[0]), ggn[idx][:, idx])
+
+
+def test_kfac_update_equals_dense_kronecker_solve():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    model.zero_grad()
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    g = [torch.cat([m.weight.grad, m.bias.grad[:, None]], 1) for m in (model[0], model[2])]
+    for solver, pi in (("cholesky", False), ("eigen", False), ("cholesky", True)):
+        maker, _ = _step("kfac", model, x, y, solver=solver, pi_damping=pi)
+        for m, gm in zip((model[0], model[2]), g, strict=True):
+            rep = maker.reps["0" if m is model[0] else "2"]
+            eye = lambda d: torch.eye(d, dtype=torch.float64)  # noqa: E731
+            a, gg = rep.A[0], rep.G[0]
+            p = math.sqrt((torch.trace(a) / len(a)) / (torch.trace(gg) / len(gg))) if pi else 1.0
+            damped = torch.kron(a + p * math.sqrt(LAM) * eye(gm.shape[1]), gg + math.sqrt(LAM) / p * eye(gm.shape[0]))
+            ref = torch.linalg.solve(damped, gm.T.reshape(-1)).reshape(gm.shape[1], gm.shape[0]).T
+            torch.testing.assert_close(torch.cat([m.weight.grad, m.bias.grad[:, None]], 1), ref)
+
+
+def test_conv_kronecker_factors_equal_explicit_patches_and_output_gradients():
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2).double()
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(6 * 3 * 3, 3)).double()
+    x, y = torch.randn(3, 4, 5, 5, dtype=torch.float64), torch.randint(0, 3, (3,))
+    maker, _ = _step("kfac", model, x, y, fisher_type="exact")
+    rep = maker.reps["0"]
+    # A: explicit patches per example, group and output location (channel-major, then kh, kw; then a 1)
+    xp = F.pad(x, (1, 1, 1, 1))
+    for grp in range(2):
+        rows = [torch.cat([xp[n, 2 * grp:2 * grp + 2, 2 * i:2 * i + 3, 2 * j:2 * j + 3].reshape(-1),
+                           torch.ones(1, dtype=torch.float64)])
+                for n in range(3) for i in range(3) for j in range(3)]
+        a = torch.stack(rows)
+        torch.testing.assert_close(rep.A[grp], a.T @ a / 3)
+    # G: output gradients of the exact Fisher's backward vectors, by torch.func.vjp on the conv output
+    out = conv(x)
+    head = lambda o: model[3](torch.tanh(o).flatten(1))  # noqa: E731
+    logits, vjp = torch.func.vjp(head, out)
+    vecs = output_sqrt(nn.CrossEntropyLoss(), logits, y, "exact")
+    gs = torch.stack([vjp(v)[0] for v in vecs])  # [K, N, C, H, W]
+    for grp in range(2):
+        gg = gs[:, :, 3 * grp:3 * grp + 3].permute(0, 1, 3, 4, 2).reshape(-1, 3)
+        torch.testing.assert_close(rep.G[grp], gg.T @ gg / 9)
+
+
+def test_ekfac_scales_equal_their_definition_and_update_is_eigenbasis_solve(ref):
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    fn = nn.CrossEntropyLoss()
+    model.zero_grad()
+    fn(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    maker, _ = _step("ekfac", model, x, y, fisher_type="exact")
+    j, logits = ref.jacobian(model, x)  # [N, C, P]
+    vecs = output_sqrt(fn, logits, y, "exact")  # [K, N, C]
+    pe = torch.einsum("knc,ncp->knp", vecs, j).reshape(-1, j.shape[-1])  # scaled per-example gradients
+    off = _offsets(model)
+    for layer in ("0", "2"):
+        rep: EigenCorrectedKron = maker.reps[layer]
+        w = model.get_submodule(layer).weight
+        o, i = w.shape
+        pw = pe[:, off[f"{layer}.weight"]:off[f"{layer}.weight"] + o * i].reshape(-1, o, i)
+        pb = pe[:, off[f"{layer}.bias"]:off[f"{layer}.bias"] + o].reshape(-1, o, 1)
+        mats = torch.cat([pw, pb], dim=2)
+        ua, ug = rep.UA[0], rep.UG[0]
+        torch.testing.assert_close(rep.S[0], ((ug.T @ mats @ ua) ** 2).sum(0))
+        # eigenvectors are those of the K-FAC factors
+        torch.testing.assert_close(ua @ torch.diag(torch.diagonal(ua.T @ rep.A[0] @ ua)) @ ua.T, rep.A[0])
+        gm = torch.cat([grads[f"{layer}.weight"], grads[f"{layer}.bias"][:, None]], 1)
+        basis = torch.kron(ua, ug)
+        dense = basis @ torch.diag(rep.S[0].T.reshape(-1) + LAM) @ basis.T
+        expect = torch.linalg.solve(dense, gm.T.reshape(-1)).reshape(i + 1, o).T
+        got = torch.cat([model.get_submodule(layer).weight.grad, model.get_submodule(layer).bias.grad[:, None]], 1)
+        torch.testing.assert_close(got, expect)
+
+
+def test_skfac_equals_kfac_without_moving_average_on_linear_layers():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
+    _, a = _step("skfac", model, x, y, seed=3)
+    _, b = _step("kfac", model, x, y, seed=3, ema_decay=0.0, pi_damping=False)
+    torch.testing.assert_close(a, b)
+
+
+def test_shampoo_two_steps_equal_fractional_powers():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    fn = nn.CrossEntropyLoss()
+    maker = precond.make("shampoo", model, fn, damping=LAM)
+    stats = {}
+    for _ in range(2):
+        x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+        model.zero_grad()
+        fn(model(x), y).backward()
+        plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        maker.forward_backward(x, y)
+        for n, p in model.named_parameters():
+            g = plain[n].reshape(plain[n].shape[0], -1)
+            st = stats.setdefault(n, [0, 0])
+            st[0] = st[0] + g @ g.T
+            st[1] = st[1] + g.T @ g
+            power = -0.25 if g.shape[1] > 1 else -0.5
+            left = scipy.linalg.fractional_matrix_power((st[0] + LAM * torch.eye(g.shape[0])).numpy(), power)
+            expect = torch.as_tensor(left.real) @ g
+            if g.shape[1] > 1:
+                right = scipy.linalg.fractional_matrix_power((st[1] + LAM * torch.eye(g.shape[1])).numpy(), power)
+                expect = expect @ torch.as_tensor(right.real)
+            torch.testing.assert_close(p.grad.reshape(g.shape), expect)
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+
+
+def test_newton_equals_damped_hessian_solve_on_convex_model(ref):
+    model = nn.Linear(4, 3).double()  # softmax regression: the Hessian is PSD
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    fn = nn.CrossEntropyLoss()
+    h, g = ref.hessian(model, fn, x, y), ref.grad(model, fn, x, y)
+    _, out = _step("newton", model, x, y)
+    torch.testing.assert_close(out, torch.linalg.solve(h + LAM * torch.eye(h.shape[0], dtype=h.dtype), g))
+    _, out = _step("newton_cg", model, x, y, curvature="hessian", cg_max_iters=200, cg_tol=1e-12)
+    torch.testing.assert_close(out, torch.linalg.solve(h + LAM * torch.eye(h.shape[0], dtype=h.dtype), g))
+
+
+def test_newton_cg_ggn_equals_damped_ggn_solve(case, ref):
+    model, x, y = case["model"], case["x"], case["y"]
+    fn = nn.CrossEntropyLoss()
+    ggn, g = ref.ggn(model, fn, x, y), ref.grad(model, fn, x, y)
+    _, out = _step("newton_cg", model, x, y, cg_max_iters=500, cg_tol=1e-13)
+    torch.testing.assert_close(out, torch.linalg.solve(ggn + LAM * torch.eye(g.numel(), dtype=g.dtype), g))
+
+
+def test_embedding_kronecker_factors_equal_token_counts_and_output_gradients():
+    torch.manual_seed(0)
+    emb = nn.Embedding(7, 4, padding_idx=0).double()
+    head = nn.Sequential(nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)).double()
+    model = nn.Sequential(emb, head)
+    x, y = torch.randint(0, 7, (5, 3)), torch.randint(0, 3, (5,))
+    maker, _ = _step("kfac", model, x, y, fisher_type="exact")
+    rep = maker.reps["0"]
+    counts = torch.stack([(x == v).sum() for v in range(7)]).double() / 5
+    counts[0] = 0  # the padding row gets no gradient
+    torch.testing.assert_close(rep.A, counts)
+    out = emb(x)
+    logits, vjp = torch.func.vjp(head, out)
+    gs = torch.stack([vjp(v)[0] for v in output_sqrt(nn.CrossEntropyLoss(), logits, y, "exact")])  # [K, N, L, D]
+    flat = gs.reshape(-1, 4)
+    torch.testing.assert_close(rep.G, flat.T @ flat / 3)
+
+
+def test_shampoo_on_a_conv_weight_contracts_every_axis_with_its_eighth_root():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), nn.Flatten(), nn.Linear(12, 2)).double()
+    x, y = torch.randn(4, 2, 4, 4, dtype=torch.float64), torch.randint(0, 2, (4,))
+    model.zero_grad()
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    g = model[0].weight.grad.clone()
+    model.zero_grad()
+    precond.make("shampoo", model, nn.CrossEntropyLoss(), damping=LAM).forward_backward(x, y)
+    expect = g
+    for i in range(4):
+        other = [j for j in range(4) if j != i]
+        stat = torch.tensordot(g, g, dims=(other, other))
+        root = scipy.linalg.fractional_matrix_power((stat + LAM * torch.eye(len(stat))).numpy(), -1 / 8)
+        expect = torch.tensordot(expect, torch.as_tensor(root.real), dims=([0], [0]))
+    torch.testing.assert_close(model[0].weight.grad, expect)
+
+
+def test_kfac_separate_bias_is_preconditioned_by_the_output_factor_only():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    model.zero_grad()
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    gw, gb = model[2].weight.grad.clone(), model[2].bias.grad.clone()
+    maker, _ = _step("kfac", model, x, y, bias="separate", pi_damping=False)
+    rep = maker.reps["2"]
+    assert rep.A.shape == (1, 5, 5)
+    eye = lambda d: torch.eye(d, dtype=torch.float64)  # noqa: E731
+    a_inv = torch.linalg.inv(rep.A[0] + math.sqrt(LAM) * eye(5))
+    g_inv = torch.linalg.inv(rep.G[0] + math.sqrt(LAM) * eye(3))
+    torch.testing.assert_close(model[2].weight.grad, g_inv @ gw @ a_inv)
+    torch.testing.assert_close(model[2].bias.grad, g_inv @ gb)
+
+
+@pytest.mark.parametrize("loss", ["ce_ignore_index", "mse"])
+def test_full_ng_honours_ignore_index_and_mse(loss, ref):
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    if loss == "mse":
+        fn, y = nn.MSELoss(), torch.randn(4, 3, dtype=torch.float64)
+    else:
+        fn, y = nn.CrossEntropyLoss(ignore_index=2), torch.tensor([0, 2, 1, 2])
+    ggn, g = ref.ggn(model, fn, x, y), ref.grad(model, fn, x, y)
+    maker = precond.make("full_ng", model, fn, damping=LAM, fisher_type="exact")
+    model.zero_grad()
+    maker.forward_backward(x, y)
+    out = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(out, torch.linalg.solve(ggn + LAM * torch.eye(g.numel(), dtype=g.dtype), g))
