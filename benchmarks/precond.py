@@ -1,0 +1,357 @@
+"""Benchmark: quicktrain.precond methods — step cost vs SGD, and side by side with ASDL.
+
+1. Per-step time and peak memory of every method relative to plain SGD on the same model and batch
+   (resnet20 and mobilenetv2_tiny on 3×32×32, an MLP on 1×28×28; batch 128), at update interval 1 and 10
+   (``curvature_interval = inverse_interval``). Methods whose representation cannot hold a model (dense
+   Fisher/Hessian of 10⁵+ parameters) are listed as n/a with the reason.
+2. Side by side with ASDL (``asdfghjkl`` 0.1a5, imported from ``benchmarks/.venv-asdl``) on identical
+   configurations: K-FAC, Shampoo, K-BFGS and natural gradient (full, unit-wise, diagonal). Same model copy,
+   same batch, same damping; reports the max relative difference of the preconditioned gradients at the first
+   step and the per-step time of both.
+
+Install ASDL into the benchmark's own environment (not the project venv), once::
+
+    .venv/bin/pip install --target benchmarks/.venv-asdl --no-deps asdfghjkl==0.1a5
+
+Usage::
+
+    .venv/bin/python benchmarks/precond.py --part 1 2 --device cuda                  # batch 128 everywhere
+    .venv/bin/python benchmarks/precond.py --part 2 1 --device cpu --cnn-batch 32 --steps 2   # ~25 min, 2 threads
+    .venv/bin/python benchmarks/precond.py --part 1 --quick                           # CPU smoke run
+
+Timing: per method, update steps (curvature and inverse refreshed) are timed with interval 1 and plain steps
+with interval 10, each after one burn-in step; interval ``k`` costs ``(t_update + (k-1) t_plain) / k`` per step
+(see :func:`schedule_ms`). On CPU there is no peak-memory reading (``nan``); ``state_mb`` is the size of the
+maker's state (statistics and inverses) on every device.
+
+Prints Markdown tables; writes ``benchmarks/results/precond_step{tag}.csv`` and
+``benchmarks/results/precond_asdl{tag}.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quicktrain import precond
+from quicktrain.models import get_model
+
+ROOT = Path(__file__).resolve().parent
+MODELS = {"resnet20": (3, 32, 32), "mobilenetv2_tiny": (3, 32, 32), "mlp": (1, 28, 28)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _data(shape, batch: int, device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *shape, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    return x, y
+
+
+def time_steps(step, device: torch.device, burn_in: int, steps: int) -> tuple[float, float]:
+    """Median ms of ``steps`` individually timed steps after ``burn_in`` (the median resists other processes on
+    a shared machine), and peak MB allocated (CUDA) in the timed window."""
+    for _ in range(burn_in):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    return statistics.median(times), peak
+
+
+def schedule_ms(make_step, device: torch.device, intervals: list[int], steps: int) -> tuple[dict, float, object]:
+    """ms/step at each update interval from separately timed update and plain steps.
+
+    ``make_step(k)`` builds a fresh step function whose maker refreshes curvature and inverse every ``k``
+    steps (and returns ``(step, maker)``). An update step is timed at ``k = 1`` (after one burn-in step), a
+    plain step at ``k = max(intervals)`` (steps 1…, which refresh nothing); the mean over a schedule of interval
+    ``k`` is ``(t_update + (k-1) t_plain) / k``. This needs a handful of steps per method, so the slow CPU runs
+    stay affordable, and is exact for a fixed schedule.
+
+    Returns:
+        ``({k: ms_per_step}, peak_mb of the update steps (CUDA; nan on CPU), maker of the update run)``.
+    """
+    step, maker = make_step(1)
+    t_update, peak = time_steps(step, device, 1, steps)
+    out = {1: t_update}
+    longest = max(intervals)
+    if longest > 1:
+        try:
+            step, _ = make_step(longest)
+        except ValueError:  # the method refreshes at every step (newton_cg): other intervals are n/a
+            return out, peak, maker
+        t_plain, _ = time_steps(step, device, 1, min(steps, longest - 1))
+        out.update({k: (t_update + (k - 1) * t_plain) / k for k in intervals if k > 1})
+    return out, peak, maker
+
+
+def state_mb(maker) -> float:
+    """Megabytes of tensors in the maker's state (statistics, inverses, ...)."""
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            return o.numel() * o.element_size()
+        if isinstance(o, dict):
+            return sum(walk(v) for v in o.values())
+        if isinstance(o, (list, tuple)):
+            return sum(walk(v) for v in o)
+        return 0
+
+    return walk(maker.state_dict()) / 2**20
+
+
+def _maker_step(maker, model, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        maker.forward_backward(x, y)
+        opt.step()
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------- part 1
+def part1(device: torch.device, batch: int, intervals: list[int], steps: int, models: list[str],
+          methods: list[str], cnn_batch: int | None = None) -> list[dict]:
+    rows = []
+    for mname in models:
+        shape = MODELS[mname]
+        b = batch if mname == "mlp" or cnn_batch is None else cnn_batch
+        x, y = _data(shape, b, device)
+        base = get_model(mname, num_classes=10, in_shape=shape).to(device)
+        nparams = sum(p.numel() for p in base.parameters())
+        sgd = {}
+        for name in methods:
+
+            def make_step(k, name=name, base=base, x=x, y=y):
+                model = copy.deepcopy(base)
+                maker = precond.make(name, model, nn.CrossEntropyLoss(), damping=1e-3, curvature_interval=k,
+                                     inverse_interval=k)
+                return _maker_step(maker, model, x, y), maker
+
+            try:
+                times, peak, maker = schedule_ms(make_step, device, intervals, steps)
+                smb, note = state_mb(maker), ""
+            except Exception as e:  # noqa: BLE001 - e.g. a representation that cannot hold this model
+                times, peak, smb = {}, float("nan"), float("nan")
+                note = str(e).split(";")[0][:90]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            for interval in intervals:
+                ms = times.get(interval, float("nan"))
+                if interval not in times and not note:
+                    note = f"interval {interval} not supported (matrix-free, refreshed every step)"
+                if name == "sgd":
+                    sgd[interval] = (ms, peak)
+                ms0, mb0 = sgd.get(interval, (float("nan"), float("nan")))
+                row = {"model": mname, "params": nparams, "batch": b, "interval": interval, "method": name,
+                       "ms": round(ms, 2), "x_sgd_time": round(ms / ms0, 2), "peak_mb": round(peak, 1),
+                       "x_sgd_mem": round(peak / mb0, 2) if mb0 == mb0 else float("nan"),
+                       "state_mb": round(smb, 1), "note": note}
+                rows.append(row)
+                print(f"  {mname:17s} k={interval:<3d} {name:13s} {row['ms']:10.2f} ms  x{row['x_sgd_time']:<7} "
+                      f"state {row['state_mb']} MB {row['note']}", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- part 2
+def _asdl():
+    path = ROOT / ".venv-asdl"
+    if not (path / "asdl").is_dir():
+        raise SystemExit(f"ASDL not found in {path}; install it with\n  .venv/bin/pip install --target "
+                         "benchmarks/.venv-asdl --no-deps asdfghjkl==0.1a5")
+    sys.path.insert(0, str(path))
+    warnings.filterwarnings("ignore")
+    import asdl
+
+    return asdl
+
+
+def _asdl_step(asdl, maker_cls, model, x, y, cfg_kw, maker_kw):
+    cfg = asdl.PreconditioningConfig(**cfg_kw)
+    gm = maker_cls(model, cfg, **maker_kw)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        dummy = gm.setup_model_call(model, x)
+        gm.setup_loss_call(nn.functional.cross_entropy, dummy, y)
+        gm.forward_and_backward()
+        opt.step()
+
+    return gm, step
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel_diff(a: dict, b: dict, keys=None) -> float:
+    keys = keys or sorted(set(a) & set(b))
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)) for k in keys)
+
+
+def part2(device: torch.device, batch: int, steps: int, intervals: list[int]) -> list[dict]:
+    asdl = _asdl()
+    small = {"mlp_small": (nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), (1, 8, 8))}
+    # emp Fisher is left out of the agreement checks: ASDL scales it by 1/N² with a mean loss (its grads of the
+    # mean loss are divided by data_size again); exact and MC Fisher use per-example likelihood terms in both.
+    # ASDL's K-FAC keeps the bias out of A (bias preconditioned by B only): quicktrain's bias="separate".
+    cases = [
+        # (label, model, ours (name, config), ASDL (class, maker kwargs, extra config), compare: None=all
+        #  parameters, "weights"=ndim>1 only (ASDL's Shampoo skips vectors), "time"=different algorithm/sampling)
+        ("K-FAC (exact)", "resnet20", ("kfac", {"fisher_type": "exact", "ema_decay": 0.0, "bias": "separate"}),
+         (asdl.KfacGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}), None),
+        ("K-FAC (mc, 1 sample)", "resnet20", ("kfac", {"fisher_type": "mc", "ema_decay": 0.0, "bias": "separate"}),
+         (asdl.KfacGradientMaker, {"fisher_type": asdl.FISHER_MC}, {}), "time"),
+        ("K-FAC (exact)", "mlp", ("kfac", {"fisher_type": "exact", "ema_decay": 0.0, "bias": "separate"}),
+         (asdl.KfacGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}), None),
+        ("Shampoo", "mlp", ("shampoo", {"relative_eps": True}), (asdl.ShampooGradientMaker, {}, {}), "weights"),
+        ("Shampoo", "resnet20", ("shampoo", {"relative_eps": True}), (asdl.ShampooGradientMaker, {}, {}),
+         "weights"),
+        ("K-BFGS", "mlp", ("kbfgs", {"ema_decay": 0.0}), (asdl.KronBfgsGradientMaker, {}, {"ema_decay": 1.0}),
+         "time"),
+        ("NG full (exact)", "mlp_small", ("full_ng", {"fisher_type": "exact", "ema_decay": 0.0}),
+         (asdl.FullNaturalGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}), None),
+        ("NG layer-wise (exact)", "mlp_small", ("layerwise_ng", {"fisher_type": "exact", "ema_decay": 0.0}),
+         (asdl.LayerWiseNaturalGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}), None),
+        ("NG unit-wise (exact)", "resnet20", ("unitwise_ng", {"fisher_type": "exact", "ema_decay": 0.0}),
+         (asdl.UnitWiseNaturalGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}), None),
+        ("NG diagonal (exact)", "mlp", ("diag_ng", {"fisher_type": "exact", "ema_decay": 0.0}),
+         (asdl.DiagNaturalGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}), None),
+        # ASDL's conv diagonal switches to Σ_l (g a)² (not the Fisher diagonal) when that is cheaper
+        ("NG diagonal (exact)", "resnet20", ("diag_ng", {"fisher_type": "exact", "ema_decay": 0.0}),
+         (asdl.DiagNaturalGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}), None),
+    ]
+    rows = []
+    for label, mname, (ours, ours_kw), (acls, akw, acfg), compare in cases:
+        if mname in small:
+            base, shape = small[mname]
+            base = copy.deepcopy(base).to(device)
+        else:
+            shape = MODELS[mname]
+            base = get_model(mname, num_classes=10, in_shape=shape).to(device)
+        x, y = _data(shape, batch, device, seed=1)
+        damping = 1e-3
+        base_row = {"config": label, "model": mname, "batch": batch}
+        cfg = {"damping": damping, "data_size": batch, "preconditioner_upd_interval": 1, "curvature_upd_interval": 1,
+               **acfg}
+        # first-step agreement (same weights, same batch; the first step refreshes everything at any interval)
+        try:
+            m_ours, m_asdl = copy.deepcopy(base), copy.deepcopy(base)
+            maker = precond.make(ours, m_ours, nn.CrossEntropyLoss(), damping=damping, **ours_kw)
+            gm, _ = _asdl_step(asdl, acls, m_asdl, x, y, cfg, akw)
+            maker.forward_backward(x, y)
+            dummy = gm.setup_model_call(m_asdl, x)
+            gm.setup_loss_call(nn.functional.cross_entropy, dummy, y)
+            gm.forward_and_backward()
+            ga, gb = _grads(m_ours), _grads(m_asdl)
+            if compare == "time":
+                diff = "n/c"
+            else:
+                keys = [k for k in gb if gb[k].dim() > 1] if compare == "weights" else None
+                diff = f"{_rel_diff(ga, gb, keys):.2e}"
+
+            # timing on fresh copies: update steps at k=1, plain steps at k=max(intervals) (see schedule_ms)
+            def ours_step(k, ours=ours, ours_kw=ours_kw, base=base, x=x, y=y, damping=damping):
+                m1 = copy.deepcopy(base)
+                mk = precond.make(ours, m1, nn.CrossEntropyLoss(), damping=damping, curvature_interval=k,
+                                  inverse_interval=k, **ours_kw)
+                return _maker_step(mk, m1, x, y), mk
+
+            def asdl_step(k, acls=acls, akw=akw, cfg=cfg, base=base, x=x, y=y):
+                cfg_k = {**cfg, "preconditioner_upd_interval": k, "curvature_upd_interval": k}
+                return _asdl_step(asdl, acls, copy.deepcopy(base), x, y, cfg_k, akw)[1], None
+
+            t_ours, _, _ = schedule_ms(ours_step, device, intervals, steps)
+            t_asdl, _, _ = schedule_ms(asdl_step, device, intervals, steps)
+            for k in intervals:
+                rows.append({**base_row, "interval": k, "max_rel_diff": diff, "quicktrain_ms": round(t_ours[k], 2),
+                             "asdl_ms": round(t_asdl[k], 2), "speedup": round(t_asdl[k] / t_ours[k], 2), "note": ""})
+        except Exception as e:  # noqa: BLE001 - ASDL failures are reported in the table
+            rows += [{**base_row, "interval": k, "max_rel_diff": "", "quicktrain_ms": "", "asdl_ms": "",
+                      "speedup": "", "note": f"{type(e).__name__}: {str(e)[:80]}"} for k in intervals]
+        for r in rows[-len(intervals):]:
+            print(f"  {r}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ I/O
+def markdown(rows: list[dict], cols: list[str]) -> str:
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=5, help="timed update steps and timed plain steps per method")
+    ap.add_argument("--cnn-batch", type=int, default=None, help="batch of the CNNs and of part 2 (default --batch)")
+    ap.add_argument("--intervals", type=int, nargs="+", default=[1, 10])
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--methods", nargs="+", default=None)
+    ap.add_argument("--quick", action="store_true", help="batch 32, 10 steps, MLP only")
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "results")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.batch, args.steps, args.models = 32, 2, ["mlp"]
+    device = torch.device(args.device)
+    tag = args.tag or ("_cuda" if device.type == "cuda" else "_cpu")
+    env = (f"torch {torch.__version__}, {platform.python_version()}, device "
+           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}, "
+           f"threads {torch.get_num_threads()}")
+    print(env)
+    if 1 in args.part:
+        print("\n## Part 1: step time and peak memory relative to SGD")
+        methods = args.methods or precond.list_methods()
+        methods = ["sgd"] + [m for m in methods if m != "sgd"]  # the baseline first: ratios need it
+        rows = part1(device, args.batch, args.intervals, args.steps, args.models, methods, args.cnn_batch)
+        write_csv(args.out_dir / f"precond_step{tag}.csv", rows)
+        print(markdown(rows, ["model", "batch", "interval", "method", "ms", "x_sgd_time", "peak_mb", "x_sgd_mem",
+                              "state_mb", "note"]))
+    if 2 in args.part:
+        print("\n## Part 2: quicktrain vs ASDL (asdfghjkl 0.1a5)")
+        rows = part2(device, args.cnn_batch or args.batch, args.steps, args.intervals)
+        write_csv(args.out_dir / f"precond_asdl{tag}.csv", rows)
+        print(markdown(rows, ["config", "model", "interval", "max_rel_diff", "quicktrain_ms", "asdl_ms", "speedup",
+                              "note"]))
+    print(env)
+
+
+if __name__ == "__main__":
+    main()
