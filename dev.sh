@@ -21,7 +21,9 @@ setup() {
     fi
     local stamp=.venv/.quicktrain-installed
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,export]"
+        echo "dev.sh: installing quicktrain and its dependencies into .venv (log: .venv/install.log)" >&2
+        .venv/bin/python -m pip install --disable-pip-version-check -e ".[test,export]" >.venv/install.log 2>&1 \
+            || { tail -n 30 .venv/install.log >&2; exit 1; }
         touch "$stamp"
     fi
     [ -d /usr/share/datasets/fashion-mnist ] || apt_install dataset-fashion-mnist

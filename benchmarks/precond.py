@@ -4,6 +4,8 @@
    (resnet20 and mobilenetv2_tiny on 3×32×32, an MLP on 1×28×28; batch 128), at update interval 1 and 10
    (``curvature_interval = inverse_interval``). Methods whose representation cannot hold a model (dense
    Fisher/Hessian of 10⁵+ parameters) are listed as n/a with the reason.
+3. Time to accuracy on ``digits`` and ``fashion-mnist`` (``cnn``): SGD, AdamW, K-FAC, Shampoo and PSGD, each
+   with a two-point learning-rate grid, through the training loop (``quicktrain report`` plots in the results).
 2. Side by side with ASDL (``asdfghjkl`` 0.1a5, imported from ``benchmarks/.venv-asdl``) on identical
    configurations: K-FAC, Shampoo, K-BFGS and natural gradient (full, unit-wise, diagonal). Same model copy,
    same batch, same damping; reports the max relative difference of the preconditioned gradients at the first
@@ -18,6 +20,7 @@ Usage::
     .venv/bin/python benchmarks/precond.py --part 1 2 --device cuda                  # batch 128 everywhere
     .venv/bin/python benchmarks/precond.py --part 2 1 --device cpu --cnn-batch 32 --steps 2   # ~25 min, 2 threads
     .venv/bin/python benchmarks/precond.py --part 1 --quick                           # CPU smoke run
+    .venv/bin/python benchmarks/precond.py --part 3 --device cpu                      # time to accuracy
 
 Timing: per method, update steps (curvature and inverse refreshed) are timed with interval 1 and plain steps
 with interval 10, each after one burn-in step; interval ``k`` costs ``(t_update + (k-1) t_plain) / k`` per step
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import platform
 import statistics
 import sys
@@ -43,8 +45,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quicktrain import precond
+from quicktrain import precond, report
+from quicktrain.compose import build_hooks
 from quicktrain.models import get_model
+from quicktrain.report import records_markdown, write_records_csv
+from quicktrain.train import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parent
 MODELS = {"resnet20": (3, 32, 32), "mobilenetv2_tiny": (3, 32, 32), "mlp": (1, 28, 28)}
@@ -108,6 +113,7 @@ def schedule_ms(make_step, device: torch.device, intervals: list[int], steps: in
 
 def state_mb(maker) -> float:
     """Megabytes of tensors in the maker's state (statistics, inverses, ...)."""
+
     def walk(o):
         if isinstance(o, torch.Tensor):
             return o.numel() * o.element_size()
@@ -132,8 +138,15 @@ def _maker_step(maker, model, x, y):
 
 
 # ---------------------------------------------------------------------------------------------- part 1
-def part1(device: torch.device, batch: int, intervals: list[int], steps: int, models: list[str],
-          methods: list[str], cnn_batch: int | None = None) -> list[dict]:
+def part1(
+    device: torch.device,
+    batch: int,
+    intervals: list[int],
+    steps: int,
+    models: list[str],
+    methods: list[str],
+    cnn_batch: int | None = None,
+) -> list[dict]:
     rows = []
     for mname in models:
         shape = MODELS[mname]
@@ -146,8 +159,9 @@ def part1(device: torch.device, batch: int, intervals: list[int], steps: int, mo
 
             def make_step(k, name=name, base=base, x=x, y=y):
                 model = copy.deepcopy(base)
-                maker = precond.make(name, model, nn.CrossEntropyLoss(), damping=1e-3, curvature_interval=k,
-                                     inverse_interval=k)
+                maker = precond.make(
+                    name, model, nn.CrossEntropyLoss(), damping=1e-3, curvature_interval=k, inverse_interval=k
+                )
                 return _maker_step(maker, model, x, y), maker
 
             try:
@@ -165,13 +179,25 @@ def part1(device: torch.device, batch: int, intervals: list[int], steps: int, mo
                 if name == "sgd":
                     sgd[interval] = (ms, peak)
                 ms0, mb0 = sgd.get(interval, (float("nan"), float("nan")))
-                row = {"model": mname, "params": nparams, "batch": b, "interval": interval, "method": name,
-                       "ms": round(ms, 2), "x_sgd_time": round(ms / ms0, 2), "peak_mb": round(peak, 1),
-                       "x_sgd_mem": round(peak / mb0, 2) if mb0 == mb0 else float("nan"),
-                       "state_mb": round(smb, 1), "note": note}
+                row = {
+                    "model": mname,
+                    "params": nparams,
+                    "batch": b,
+                    "interval": interval,
+                    "method": name,
+                    "ms": round(ms, 2),
+                    "x_sgd_time": round(ms / ms0, 2),
+                    "peak_mb": round(peak, 1),
+                    "x_sgd_mem": round(peak / mb0, 2) if mb0 == mb0 else float("nan"),
+                    "state_mb": round(smb, 1),
+                    "note": note,
+                }
                 rows.append(row)
-                print(f"  {mname:17s} k={interval:<3d} {name:13s} {row['ms']:10.2f} ms  x{row['x_sgd_time']:<7} "
-                      f"state {row['state_mb']} MB {row['note']}", flush=True)
+                print(
+                    f"  {mname:17s} k={interval:<3d} {name:13s} {row['ms']:10.2f} ms  x{row['x_sgd_time']:<7} "
+                    f"state {row['state_mb']} MB {row['note']}",
+                    flush=True,
+                )
     return rows
 
 
@@ -179,8 +205,10 @@ def part1(device: torch.device, batch: int, intervals: list[int], steps: int, mo
 def _asdl():
     path = ROOT / ".venv-asdl"
     if not (path / "asdl").is_dir():
-        raise SystemExit(f"ASDL not found in {path}; install it with\n  .venv/bin/pip install --target "
-                         "benchmarks/.venv-asdl --no-deps asdfghjkl==0.1a5")
+        raise SystemExit(
+            f"ASDL not found in {path}; install it with\n  .venv/bin/pip install --target "
+            "benchmarks/.venv-asdl --no-deps asdfghjkl==0.1a5"
+        )
     sys.path.insert(0, str(path))
     warnings.filterwarnings("ignore")
     import asdl
@@ -221,28 +249,66 @@ def part2(device: torch.device, batch: int, steps: int, intervals: list[int]) ->
     cases = [
         # (label, model, ours (name, config), ASDL (class, maker kwargs, extra config), compare: None=all
         #  parameters, "weights"=ndim>1 only (ASDL's Shampoo skips vectors), "time"=different algorithm/sampling)
-        ("K-FAC (exact)", "resnet20", ("kfac", {"fisher_type": "exact", "ema_decay": 0.0, "bias": "separate"}),
-         (asdl.KfacGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}), None),
-        ("K-FAC (mc, 1 sample)", "resnet20", ("kfac", {"fisher_type": "mc", "ema_decay": 0.0, "bias": "separate"}),
-         (asdl.KfacGradientMaker, {"fisher_type": asdl.FISHER_MC}, {}), "time"),
-        ("K-FAC (exact)", "mlp", ("kfac", {"fisher_type": "exact", "ema_decay": 0.0, "bias": "separate"}),
-         (asdl.KfacGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}), None),
+        (
+            "K-FAC (exact)",
+            "resnet20",
+            ("kfac", {"fisher_type": "exact", "ema_decay": 0.0, "bias": "separate"}),
+            (asdl.KfacGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}),
+            None,
+        ),
+        (
+            "K-FAC (mc, 1 sample)",
+            "resnet20",
+            ("kfac", {"fisher_type": "mc", "ema_decay": 0.0, "bias": "separate"}),
+            (asdl.KfacGradientMaker, {"fisher_type": asdl.FISHER_MC}, {}),
+            "time",
+        ),
+        (
+            "K-FAC (exact)",
+            "mlp",
+            ("kfac", {"fisher_type": "exact", "ema_decay": 0.0, "bias": "separate"}),
+            (asdl.KfacGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}),
+            None,
+        ),
         ("Shampoo", "mlp", ("shampoo", {"relative_eps": True}), (asdl.ShampooGradientMaker, {}, {}), "weights"),
-        ("Shampoo", "resnet20", ("shampoo", {"relative_eps": True}), (asdl.ShampooGradientMaker, {}, {}),
-         "weights"),
-        ("K-BFGS", "mlp", ("kbfgs", {"ema_decay": 0.0}), (asdl.KronBfgsGradientMaker, {}, {"ema_decay": 1.0}),
-         "time"),
-        ("NG full (exact)", "mlp_small", ("full_ng", {"fisher_type": "exact", "ema_decay": 0.0}),
-         (asdl.FullNaturalGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}), None),
-        ("NG layer-wise (exact)", "mlp_small", ("layerwise_ng", {"fisher_type": "exact", "ema_decay": 0.0}),
-         (asdl.LayerWiseNaturalGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}), None),
-        ("NG unit-wise (exact)", "resnet20", ("unitwise_ng", {"fisher_type": "exact", "ema_decay": 0.0}),
-         (asdl.UnitWiseNaturalGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}), None),
-        ("NG diagonal (exact)", "mlp", ("diag_ng", {"fisher_type": "exact", "ema_decay": 0.0}),
-         (asdl.DiagNaturalGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}), None),
+        ("Shampoo", "resnet20", ("shampoo", {"relative_eps": True}), (asdl.ShampooGradientMaker, {}, {}), "weights"),
+        ("K-BFGS", "mlp", ("kbfgs", {"ema_decay": 0.0}), (asdl.KronBfgsGradientMaker, {}, {"ema_decay": 1.0}), "time"),
+        (
+            "NG full (exact)",
+            "mlp_small",
+            ("full_ng", {"fisher_type": "exact", "ema_decay": 0.0}),
+            (asdl.FullNaturalGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}),
+            None,
+        ),
+        (
+            "NG layer-wise (exact)",
+            "mlp_small",
+            ("layerwise_ng", {"fisher_type": "exact", "ema_decay": 0.0}),
+            (asdl.LayerWiseNaturalGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}),
+            None,
+        ),
+        (
+            "NG unit-wise (exact)",
+            "resnet20",
+            ("unitwise_ng", {"fisher_type": "exact", "ema_decay": 0.0}),
+            (asdl.UnitWiseNaturalGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}),
+            None,
+        ),
+        (
+            "NG diagonal (exact)",
+            "mlp",
+            ("diag_ng", {"fisher_type": "exact", "ema_decay": 0.0}),
+            (asdl.DiagNaturalGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}),
+            None,
+        ),
         # ASDL's conv diagonal switches to Σ_l (g a)² (not the Fisher diagonal) when that is cheaper
-        ("NG diagonal (exact)", "resnet20", ("diag_ng", {"fisher_type": "exact", "ema_decay": 0.0}),
-         (asdl.DiagNaturalGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}), None),
+        (
+            "NG diagonal (exact)",
+            "resnet20",
+            ("diag_ng", {"fisher_type": "exact", "ema_decay": 0.0}),
+            (asdl.DiagNaturalGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}),
+            None,
+        ),
     ]
     rows = []
     for label, mname, (ours, ours_kw), (acls, akw, acfg), compare in cases:
@@ -255,8 +321,13 @@ def part2(device: torch.device, batch: int, steps: int, intervals: list[int]) ->
         x, y = _data(shape, batch, device, seed=1)
         damping = 1e-3
         base_row = {"config": label, "model": mname, "batch": batch}
-        cfg = {"damping": damping, "data_size": batch, "preconditioner_upd_interval": 1, "curvature_upd_interval": 1,
-               **acfg}
+        cfg = {
+            "damping": damping,
+            "data_size": batch,
+            "preconditioner_upd_interval": 1,
+            "curvature_upd_interval": 1,
+            **acfg,
+        }
         # first-step agreement (same weights, same batch; the first step refreshes everything at any interval)
         try:
             m_ours, m_asdl = copy.deepcopy(base), copy.deepcopy(base)
@@ -276,8 +347,15 @@ def part2(device: torch.device, batch: int, steps: int, intervals: list[int]) ->
             # timing on fresh copies: update steps at k=1, plain steps at k=max(intervals) (see schedule_ms)
             def ours_step(k, ours=ours, ours_kw=ours_kw, base=base, x=x, y=y, damping=damping):
                 m1 = copy.deepcopy(base)
-                mk = precond.make(ours, m1, nn.CrossEntropyLoss(), damping=damping, curvature_interval=k,
-                                  inverse_interval=k, **ours_kw)
+                mk = precond.make(
+                    ours,
+                    m1,
+                    nn.CrossEntropyLoss(),
+                    damping=damping,
+                    curvature_interval=k,
+                    inverse_interval=k,
+                    **ours_kw,
+                )
                 return _maker_step(mk, m1, x, y), mk
 
             def asdl_step(k, acls=acls, akw=akw, cfg=cfg, base=base, x=x, y=y):
@@ -287,12 +365,31 @@ def part2(device: torch.device, batch: int, steps: int, intervals: list[int]) ->
             t_ours, _, _ = schedule_ms(ours_step, device, intervals, steps)
             t_asdl, _, _ = schedule_ms(asdl_step, device, intervals, steps)
             for k in intervals:
-                rows.append({**base_row, "interval": k, "max_rel_diff": diff, "quicktrain_ms": round(t_ours[k], 2),
-                             "asdl_ms": round(t_asdl[k], 2), "speedup": round(t_asdl[k] / t_ours[k], 2), "note": ""})
+                rows.append(
+                    {
+                        **base_row,
+                        "interval": k,
+                        "max_rel_diff": diff,
+                        "quicktrain_ms": round(t_ours[k], 2),
+                        "asdl_ms": round(t_asdl[k], 2),
+                        "speedup": round(t_asdl[k] / t_ours[k], 2),
+                        "note": "",
+                    }
+                )
         except Exception as e:  # noqa: BLE001 - ASDL failures are reported in the table
-            rows += [{**base_row, "interval": k, "max_rel_diff": "", "quicktrain_ms": "", "asdl_ms": "",
-                      "speedup": "", "note": f"{type(e).__name__}: {str(e)[:80]}"} for k in intervals]
-        for r in rows[-len(intervals):]:
+            rows += [
+                {
+                    **base_row,
+                    "interval": k,
+                    "max_rel_diff": "",
+                    "quicktrain_ms": "",
+                    "asdl_ms": "",
+                    "speedup": "",
+                    "note": f"{type(e).__name__}: {str(e)[:80]}",
+                }
+                for k in intervals
+            ]
+        for r in rows[-len(intervals) :]:
             print(f"  {r}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -300,18 +397,69 @@ def part2(device: torch.device, batch: int, steps: int, intervals: list[int]) ->
 
 
 # ------------------------------------------------------------------------------------------------ I/O
-def markdown(rows: list[dict], cols: list[str]) -> str:
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(out)
+# ---------------------------------------------------------------------------------------------- part 3
+# (extra TrainConfig settings, learning-rate grid) per method. The preconditioners use SGD with momentum, which
+# applies their step as given; AdamW would rescale it per coordinate.
+TTA_METHODS = {
+    "sgd": ({"optimizer": "sgd"}, (0.03, 0.1)),
+    "adamw": ({"optimizer": "adamw"}, (1e-3, 3e-3)),
+    "kfac": ({"optimizer": "sgd", "precond": "kfac", "damping": 0.1}, (0.003, 0.01)),
+    "shampoo": ({"optimizer": "sgd", "precond": "shampoo", "damping": 1e-3}, (0.003, 0.01)),
+    "psgd": ({"optimizer": "sgd", "precond": "psgd"}, (0.01, 0.03)),
+}
+TTA_TASKS = {  # dataset -> (epochs, steps per epoch cap, batch, target test accuracy)
+    "digits": (10, None, 64, 0.97),
+    "fashion-mnist": (3, 150, 128, 0.85),
+}
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+def part3(datasets: list[str], out_dir: Path, tag: str) -> list[dict]:
+    """Time to a target test accuracy: each method with a small learning-rate grid, ``cnn``, seed 0.
+
+    The best learning rate of each method is the one with the highest final validation accuracy; epochs and
+    wall seconds to the target are read off its ``metrics.jsonl``.
+    """
+    rows = []
+    for dataset in datasets:
+        epochs, cap, batch, target = TTA_TASKS[dataset]
+        best_runs = []
+        for method, (settings, grid) in TTA_METHODS.items():
+            runs = []
+            for lr in grid:
+                run_dir = out_dir / f"precond_tta{tag}" / dataset / f"{method}-lr{lr:g}"
+                config = TrainConfig(
+                    dataset=dataset,
+                    model="cnn",
+                    epochs=epochs,
+                    max_steps_per_epoch=cap,
+                    batch_size=batch,
+                    lr=lr,
+                    progress=False,
+                    out=str(run_dir),
+                    curvature_interval=5,
+                    inverse_interval=20,
+                    **settings,
+                )
+                fit(config, build_hooks(config))
+                runs.append((lr, report.load_run(run_dir)))
+            lr, best = max(runs, key=lambda item: item[1].final["val_acc"])
+            reached = next((e for e in best.epochs if e["test_acc"] >= target), None)
+            best_runs.append(best)
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "method": method,
+                    "best_lr": lr,
+                    "target": target,
+                    "epochs_to_target": reached["epoch"] if reached else "never",
+                    "seconds_to_target": round(reached["wall"], 1) if reached else "never",
+                    "final_test_acc": round(best.final["test_acc"], 4),
+                    "wall_s": round(best.final["wall"], 1),
+                }
+            )
+            print(records_markdown(rows[-1:], list(rows[-1])), flush=True)
+        report.plot_runs(best_runs, out_dir / f"precond_tta{tag}_{dataset}.png", title=f"cnn on {dataset}")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -325,6 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--methods", nargs="+", default=None)
     ap.add_argument("--quick", action="store_true", help="batch 32, 10 steps, MLP only")
+    ap.add_argument("--datasets", nargs="+", default=list(TTA_TASKS), help="part 3 datasets")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "results")
     args = ap.parse_args(argv)
@@ -332,24 +481,49 @@ def main(argv: list[str] | None = None) -> None:
         args.batch, args.steps, args.models = 32, 2, ["mlp"]
     device = torch.device(args.device)
     tag = args.tag or ("_cuda" if device.type == "cuda" else "_cpu")
-    env = (f"torch {torch.__version__}, {platform.python_version()}, device "
-           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}, "
-           f"threads {torch.get_num_threads()}")
+    env = (
+        f"torch {torch.__version__}, {platform.python_version()}, device "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}, "
+        f"threads {torch.get_num_threads()}"
+    )
     print(env)
     if 1 in args.part:
         print("\n## Part 1: step time and peak memory relative to SGD")
         methods = args.methods or precond.list_methods()
         methods = ["sgd"] + [m for m in methods if m != "sgd"]  # the baseline first: ratios need it
         rows = part1(device, args.batch, args.intervals, args.steps, args.models, methods, args.cnn_batch)
-        write_csv(args.out_dir / f"precond_step{tag}.csv", rows)
-        print(markdown(rows, ["model", "batch", "interval", "method", "ms", "x_sgd_time", "peak_mb", "x_sgd_mem",
-                              "state_mb", "note"]))
+        write_records_csv(rows, args.out_dir / f"precond_step{tag}.csv")
+        print(
+            records_markdown(
+                rows,
+                [
+                    "model",
+                    "batch",
+                    "interval",
+                    "method",
+                    "ms",
+                    "x_sgd_time",
+                    "peak_mb",
+                    "x_sgd_mem",
+                    "state_mb",
+                    "note",
+                ],
+            )
+        )
     if 2 in args.part:
         print("\n## Part 2: quicktrain vs ASDL (asdfghjkl 0.1a5)")
         rows = part2(device, args.cnn_batch or args.batch, args.steps, args.intervals)
-        write_csv(args.out_dir / f"precond_asdl{tag}.csv", rows)
-        print(markdown(rows, ["config", "model", "interval", "max_rel_diff", "quicktrain_ms", "asdl_ms", "speedup",
-                              "note"]))
+        write_records_csv(rows, args.out_dir / f"precond_asdl{tag}.csv")
+        print(
+            records_markdown(
+                rows, ["config", "model", "interval", "max_rel_diff", "quicktrain_ms", "asdl_ms", "speedup", "note"]
+            )
+        )
+    if 3 in args.part:
+        print("\n## Part 3: time to accuracy (cnn; best learning rate of a small grid per method)")
+        rows = part3(args.datasets, args.out_dir, tag)
+        write_records_csv(rows, args.out_dir / f"precond_tta{tag}.csv")
+        print(records_markdown(rows, list(rows[0])))
     print(env)
 
 

@@ -1,5 +1,9 @@
 """Graph HyperNetworks (GHN-3 style): predict any network's parameters from its graph in one forward pass.
 
+Modules beyond the core: :mod:`quicktrain.ghn.scale` (very deep and very large targets: ResNet-998/1202,
+a 10^9-parameter ViT; time and peak memory) and :mod:`quicktrain.ghn.transfer` (few-shot transfer to another
+data set or class count).
+
 References:
     Knyazev et al., "Parameter Prediction for Unseen Deep Architectures", NeurIPS 2021 (GHN-2, DeepNets-1M).
     Knyazev, Hwang, Lacoste-Julien, "Can We Scale Transformers to Predict Parameters of Diverse ImageNet

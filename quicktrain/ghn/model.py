@@ -105,6 +105,62 @@ def shape_bucket(v: Tensor) -> Tensor:
     return b.clamp(max=SHAPE_BUCKETS - 1)
 
 
+@dataclass
+class DistanceBias:
+    """Shortest-path distances of one graph in sparse form, expanded to dense rows one query block at a time.
+
+    GHN-3 (Sec. 3) biases attention by ``b^{fw}[d(i -> j)] + b^{bw}[d(j -> i)]``. Only pairs within the cutoff
+    have a distance other than "far", so the graph stores them sparsely (``O(N * reach)``); a query block
+    ``[start, stop)`` needs dense rows ``d(i -> :)`` and ``d(: -> i)`` for ``i`` in the block, i.e. the pairs whose
+    source (forward) or destination (backward) lies in the block. Both lists are kept sorted by that node so a
+    block is one ``searchsorted`` slice. Memory per block: ``O(block * N)`` instead of ``O(N^2)`` per graph.
+
+    Attributes:
+        n: number of nodes.
+        far: bucket of pairs beyond the cutoff (and of every pair in the no-graph ablation).
+        self_dist: bucket of ``d(i -> i)``: 0, or ``far`` in the no-graph ablation.
+        fw: ``(row, col, dist)`` with ``d(row -> col) = dist``, sorted by ``row``.
+        bw: ``(row, col, dist)`` with ``d(col -> row) = dist``, sorted by ``row``.
+    """
+
+    n: int
+    far: int
+    self_dist: int
+    fw: tuple[Tensor, Tensor, Tensor]
+    bw: tuple[Tensor, Tensor, Tensor]
+
+    @classmethod
+    def from_graph(cls, graph: Graph, far: int, device: torch.device, *, use_distances: bool = True) -> DistanceBias:
+        """Sorted sparse distances of ``graph`` clipped to ``far`` (all pairs "far" when not ``use_distances``)."""
+        if use_distances:
+            src, dst = graph.sp_index[0], graph.sp_index[1]
+            dist = graph.sp_dist.clamp(max=far)
+        else:
+            src = dst = dist = torch.zeros(0, dtype=torch.long)
+
+        def by_row(row: Tensor, col: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            order = torch.argsort(row, stable=True)
+            return row[order].to(device), col[order].to(device), dist[order].to(device)
+
+        return cls(graph.num_nodes, far, 0 if use_distances else far, by_row(src, dst), by_row(dst, src))
+
+    def rows(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Dense ``[stop - start, N]`` buckets of ``d(i -> j)`` and ``d(j -> i)`` for ``i`` in ``[start, stop)``."""
+        dev = self.fw[0].device
+        out = []
+        for row, col, dist in (self.fw, self.bw):
+            block = torch.full((stop - start, self.n), self.far, dtype=torch.long, device=dev)
+            lo, hi = torch.searchsorted(row, torch.tensor([start, stop], device=dev)).tolist()
+            block[row[lo:hi] - start, col[lo:hi]] = dist[lo:hi]
+            idx = torch.arange(stop - start, device=dev)
+            block[idx, idx + start] = self.self_dist
+            out.append(block)
+        return out[0], out[1]
+
+
+ATTN_BLOCK = 512  # query rows per attention block: memory O(ATTN_BLOCK * N * heads) per layer
+
+
 class GraphormerLayer(nn.Module):
     """Pre-norm Graphormer layer with shortest-path attention bias (GHN-3 Eq. 2, Graphormer Eq. 6).
 
@@ -113,7 +169,9 @@ class GraphormerLayer(nn.Module):
                  + b^{fw}_{\\phi(i \\to j)} + b^{bw}_{\\phi(j \\to i)}
 
     where :math:`\\phi` is the (clipped) shortest-path distance; then ``h += softmax(A) V W_O`` and
-    ``h += MLP(LN(h))``.
+    ``h += MLP(LN(h))``. Attention is exact and full (every node attends to every node of its graph), but it
+    is computed per graph and per block of query rows, with the bias built from :class:`DistanceBias`: no
+    ``[N, N]`` tensor is materialised, so a 3,500-node ResNet-998 graph needs ``O(block * N)`` memory.
     """
 
     def __init__(self, hid: int, heads: int, sp_buckets: int) -> None:
@@ -131,14 +189,23 @@ class GraphormerLayer(nn.Module):
         nn.init.zeros_(self.sp_fw.weight)
         nn.init.zeros_(self.sp_bw.weight)
 
-    def forward(self, h: Tensor, dist: Tensor, key_mask: Tensor) -> Tensor:
-        """``h [B, N, hid]``, ``dist [B, N, N]`` bucketed distances, ``key_mask [B, N]`` (True = real)."""
-        b, n, d = h.shape
-        bias = (self.sp_fw(dist) + self.sp_bw(dist.transpose(1, 2))).permute(0, 3, 1, 2)  # B,H,N,N
-        bias = bias.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-        q, k, v = self.qkv(self.ln1(h)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        h = h + self.proj(att.transpose(1, 2).reshape(b, n, d))
+    def forward(self, h: Tensor, biases: list[DistanceBias], *, block: int = ATTN_BLOCK) -> Tensor:
+        """``h [sum N_g, hid]``: the nodes of all graphs, concatenated in the order of ``biases``."""
+        n_all, d = h.shape
+        if n_all != sum(b.n for b in biases):
+            raise ValueError(f"h has {n_all} nodes but the graphs have {sum(b.n for b in biases)}")
+        q, k, v = self.qkv(self.ln1(h)).reshape(n_all, 3, self.heads, d // self.heads).permute(1, 2, 0, 3)
+        att: list[Tensor] = []
+        start = 0
+        for bias in biases:
+            kg, vg = k[:, start : start + bias.n], v[:, start : start + bias.n]
+            for r0 in range(0, bias.n, block):
+                r1 = min(bias.n, r0 + block)
+                fw, bw = bias.rows(r0, r1)
+                mask = (self.sp_fw(fw) + self.sp_bw(bw)).permute(2, 0, 1)  # [heads, rows, N]
+                att.append(F.scaled_dot_product_attention(q[:, start + r0 : start + r1], kg, vg, attn_mask=mask))
+            start += bias.n
+        h = h + self.proj(torch.cat(att, 1).transpose(0, 1).reshape(n_all, d))
         return h + self.mlp(self.ln2(h))
 
 
@@ -186,11 +253,10 @@ class GHN(nn.Module):
             nn.init.zeros_(dec[-1].bias)
 
     # ----------------------------------------------------------------------------------------------------
-    def node_features(self, graph: Graph) -> tuple[Tensor, Tensor]:
-        """Initial embeddings ``[N, hid]`` and bucketed dense distances ``[N, N]`` of one graph."""
+    def node_features(self, graph: Graph) -> tuple[Tensor, DistanceBias]:
+        """Initial embeddings ``[N, hid]`` and the sparse attention distances of one graph."""
         c = self.config
         dev = self.type_embed.weight.device
-        far = c.sp_cutoff + 1
         types = graph.node_types.to(dev)
         h = sum(emb(shape_bucket(graph.node_shapes[:, k].to(dev))) for k, emb in enumerate(self.shape_embed))
         if c.graph_info:
@@ -204,27 +270,21 @@ class GHN(nn.Module):
                 + self.deg_out(deg_out.clamp(max=c.max_degree).to(dev))
                 + self.input_dist(in_dist.clamp(max=c.max_input_dist + 1).to(dev))
             )
-            dist = graph.dense_distances(far).clamp(max=far)
         else:  # ablation: no types, degrees or distances, only parameter shapes
             h = h + self.type_embed(torch.full_like(types, PrimType.MASK.id))
-            dist = torch.full((graph.num_nodes, graph.num_nodes), far, dtype=torch.long)
-        return h, dist.to(dev)
+        return h, DistanceBias.from_graph(graph, c.sp_cutoff + 1, dev, use_distances=c.graph_info)
 
     def embed(self, graphs: list[Graph]) -> list[Tensor]:
-        """Node embeddings ``[N_g, hid]`` of each graph after the Graphormer layers (padded to a batch)."""
+        """Node embeddings ``[N_g, hid]`` of each graph after the Graphormer layers.
+
+        The graphs' nodes are concatenated (no padding); attention stays within each graph.
+        """
         feats = [self.node_features(g) for g in graphs]
-        n_max = max(g.num_nodes for g in graphs)
-        b, dev = len(graphs), self.type_embed.weight.device
-        h = torch.zeros(b, n_max, self.config.hid, device=dev)
-        dist = torch.full((b, n_max, n_max), self.config.sp_cutoff + 1, dtype=torch.long, device=dev)
-        mask = torch.zeros(b, n_max, dtype=torch.bool, device=dev)
-        for i, (hi, di) in enumerate(feats):
-            n = hi.shape[0]
-            h[i, :n], dist[i, :n, :n], mask[i, :n] = hi, di, True
+        h = torch.cat([f[0] for f in feats])
+        biases = [f[1] for f in feats]
         for layer in self.layers:
-            h = layer(h, dist, mask)
-        h = self.ln(h)
-        return [h[i, : g.num_nodes] for i, g in enumerate(graphs)]
+            h = layer(h, biases)
+        return list(self.ln(h).split([g.num_nodes for g in graphs]))
 
     def forward(self, graphs: Graph | list[Graph]) -> list[dict[str, Tensor]]:
         """Predict every supported parameter of each graph's network.
@@ -253,7 +313,7 @@ class GHN(nn.Module):
         jobs: dict[str, list[tuple[int, int]]] = {"nd": [], "1d": []}
         last: list[set[int]] = []
         for gi, g in enumerate(graphs):
-            last.append(_last_layer_nodes(g))
+            last.append(last_layer_nodes(g))
             for ni, pname in enumerate(g.param_names):
                 if pname is not None:
                     jobs["nd" if int((g.node_shapes[ni] > 0).sum()) >= 2 else "1d"].append((gi, ni))
@@ -273,7 +333,7 @@ class GHN(nn.Module):
                     yield gi, g.param_names[ni], w
 
 
-def _last_layer_nodes(g: Graph) -> set[int]:
+def last_layer_nodes(g: Graph) -> set[int]:
     """Nodes whose output is the network output: no successor, or only a final bias node (``beta = 1``)."""
     n = g.num_nodes
     out_deg = torch.zeros(n, dtype=torch.long).index_add_(0, g.edges[0], torch.ones_like(g.edges[0]))
@@ -381,12 +441,15 @@ def predicted_param_regularizer(params: list[dict[str, Tensor]]) -> Tensor:
 
 
 __all__ = [
+    "ATTN_BLOCK",
     "DatasetInfo",
+    "DistanceBias",
     "GHN",
     "GHNConfig",
     "GraphormerLayer",
     "SIZES",
     "ghn_config",
+    "last_layer_nodes",
     "normalize_param",
     "predicted_param_regularizer",
     "tile_to_shape",

@@ -8,17 +8,21 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, shipped_checkpoints
 from .graph import model_to_graph
-from .model import GHN
+from .model import GHN, last_layer_nodes
 
 log = logging.getLogger(__name__)
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+HEAD_MODES = ("strict", "predict", "reinit")
+HeadMode = Literal["strict", "predict", "reinit"]
 
 
 @dataclass
@@ -28,12 +32,14 @@ class PredictReport:
     Attributes:
         predicted: names of the parameters written from the GHN.
         unsupported: names of parameters the GHN does not predict; they keep their default initialisation.
+        head: names of the classifier-head parameters left at default init (``head="reinit"``).
         seconds: wall time of tracing + prediction + writing (without BN re-estimation).
         bn_batches: number of batches used to re-estimate BatchNorm statistics.
     """
 
     predicted: list[str] = field(default_factory=list)
     unsupported: list[str] = field(default_factory=list)
+    head: list[str] = field(default_factory=list)
     seconds: float = 0.0
     bn_batches: int = 0
 
@@ -108,6 +114,8 @@ def predict_into(
     bn_batches: Iterable[Tensor] | None = None,
     noise: float = 0.0,
     generator: torch.Generator | None = None,
+    head: HeadMode = "strict",
+    progress: bool = False,
 ) -> PredictReport:
     """Predict all parameters of ``model`` with a GHN and write them into ``model`` in place.
 
@@ -125,6 +133,12 @@ def predict_into(
         bn_batches: iterable of input batches (or ``(x, y)`` tuples) to re-estimate BatchNorm statistics.
         noise: relative std ``epsilon`` of the symmetry-breaking noise (e.g. ``1e-2``); 0 disables it.
         generator: RNG for the noise.
+        head: the classifier head when the model's class count may differ from the GHN's dataset (transfer):
+            ``"strict"`` raises on a different count; ``"predict"`` predicts the head for the model's count
+            (the decoded chunk is tiled/sliced to ``[classes, features]`` like any tensor, GHN-2 Sec. 4);
+            ``"reinit"`` predicts every other tensor and leaves the head (the parameters whose output is the
+            network output) at the model's default init.
+        progress: show a progress bar over the predicted tensors (huge models).
 
     Returns:
         A :class:`PredictReport`; unsupported parameters are also logged as a warning.
@@ -134,6 +148,8 @@ def predict_into(
     """
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
+    if head not in HEAD_MODES:
+        raise ValueError(f"head must be one of {HEAD_MODES}, got {head!r}")
     ghn = resolve_ghn(checkpoint_or_ghn)
     if example_inputs is None:
         if ghn.dataset is None:
@@ -150,13 +166,21 @@ def predict_into(
             f"{type(model).__name__} failed on example inputs of shape {tuple(example_inputs.shape[1:])}"
             f"{trained}: {e}"
         ) from e
-    check_compatible(ghn, example_inputs, graph.output_shape[-1] if graph.output_shape else None)
+    if head == "strict":
+        check_compatible(ghn, example_inputs, graph.output_shape[-1] if graph.output_shape else None)
     was_training = ghn.training
     ghn.eval()
     named = dict(model.named_parameters())
     report = PredictReport(unsupported=list(graph.unsupported))
+    if head == "reinit":
+        report.head = [graph.param_names[i] for i in sorted(last_layer_nodes(graph)) if graph.param_names[i]]
+    skip = set(report.head)
+    total = sum(n is not None for n in graph.param_names)
     with torch.no_grad():
-        for _, name, w in ghn.iter_predictions([graph]):  # one tensor at a time, written in place
+        preds = ghn.iter_predictions([graph])  # one tensor at a time, written in place
+        for _, name, w in tqdm(preds, total=total, desc="predict", unit="tensor", disable=not progress):
+            if name in skip:
+                continue
             if noise > 0 and w.dim() >= 2:
                 xi = torch.randn(w.shape, generator=generator, dtype=w.dtype, device=w.device)
                 w = w + noise * w.std() * xi

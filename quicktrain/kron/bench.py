@@ -156,25 +156,14 @@ def fit_slope(x: Sequence[float], y: Sequence[float]) -> float:
     return sum((a - mx) * (c - my) for a, c in zip(lx, ly, strict=True)) / sum((a - mx) ** 2 for a in lx)
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        if math.isinf(v):
-            return "inf"
-        return f"{v:.3g}" if abs(v) < 1e4 else f"{v:,.0f}"
-    return f"{v:,}" if isinstance(v, int) else str(v)
-
-
 def markdown_table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
     """Markdown table of dict ``rows`` restricted to ``cols``."""
-    return report.markdown_table(cols, [[_fmt(r.get(c, "")) for c in cols] for r in rows])
+    return report.records_markdown(rows, cols)
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Write dict ``rows`` (union of keys as header) to ``path``; creates parent folders."""
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    return report.write_csv(keys, [[r.get(k, "") for k in keys] for r in rows], path)
+    return report.write_records_csv(rows, path)
 
 
 def plot_step_time(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:

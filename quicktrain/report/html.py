@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -116,6 +117,14 @@ def write_csv(columns: Sequence[str], rows: Sequence[Sequence[str]], path: str |
         writer.writerow(columns)
         writer.writerows(rows)
     return path
+
+
+def write_records_csv(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Write dict ``records`` as CSV with the union of their keys (in first-seen order) as header."""
+    keys: list[str] = []
+    for record in records:
+        keys += [k for k in record if k not in keys]
+    return write_csv(keys, [[record.get(k, "") for k in keys] for record in records], path)
 
 
 def render_html(
