@@ -12,7 +12,8 @@ Usage::
     python benchmarks/ghn.py --datasets digits fashion-mnist --archs 10 \
         --ablations digits:/tmp/ghnruns/digits-nograph.pt,/tmp/ghnruns/digits-noreg.pt
 
-Writes ``benchmarks/results/ghn.json`` and prints Markdown tables.
+Writes ``benchmarks/results/ghn.json`` and prints Markdown tables. Very deep/large targets, GHN size and
+few-shot transfer are in the sibling ``benchmarks/ghn_scale.py``.
 """
 
 from __future__ import annotations
