@@ -413,7 +413,7 @@ TTA_TASKS = {  # dataset -> (epochs, steps per epoch cap, batch, target test acc
 }
 
 
-def part3(datasets: list[str], out_dir: Path, tag: str) -> list[dict]:
+def part3(datasets: list[str], out_dir: Path, tag: str, methods: list[str] | None = None) -> list[dict]:
     """Time to a target test accuracy: each method with a small learning-rate grid, ``cnn``, seed 0.
 
     The best learning rate of each method is the one with the highest final validation accuracy; epochs and
@@ -424,7 +424,9 @@ def part3(datasets: list[str], out_dir: Path, tag: str) -> list[dict]:
         epochs, cap, batch, target = TTA_TASKS[dataset]
         best_runs = []
         for method, (settings, grid) in TTA_METHODS.items():
-            runs = []
+            if methods and method not in methods:
+                continue
+            runs, diverged = [], []
             for lr in grid:
                 run_dir = out_dir / f"precond_tta{tag}" / dataset / f"{method}-lr{lr:g}"
                 config = TrainConfig(
@@ -440,8 +442,23 @@ def part3(datasets: list[str], out_dir: Path, tag: str) -> list[dict]:
                     inverse_interval=20,
                     **settings,
                 )
-                fit(config, build_hooks(config))
+                try:
+                    fit(config, build_hooks(config))
+                except FloatingPointError as error:  # a diverged grid point is a result: report it, go on
+                    print(f"{dataset} {method} lr {lr:g} diverged: {error}", flush=True)
+                    diverged.append(f"{lr:g}")
+                    continue
                 runs.append((lr, report.load_run(run_dir)))
+            if not runs:
+                rows.append(
+                    {
+                        "dataset": dataset,
+                        "method": method,
+                        "best_lr": "all diverged",
+                        "diverged_lrs": " ".join(diverged),
+                    }
+                )
+                continue
             lr, best = max(runs, key=lambda item: item[1].final["val_acc"])
             reached = next((e for e in best.epochs if e["test_acc"] >= target), None)
             best_runs.append(best)
@@ -455,6 +472,7 @@ def part3(datasets: list[str], out_dir: Path, tag: str) -> list[dict]:
                     "seconds_to_target": round(reached["wall"], 1) if reached else "never",
                     "final_test_acc": round(best.final["test_acc"], 4),
                     "wall_s": round(best.final["wall"], 1),
+                    "diverged_lrs": " ".join(diverged) or "-",
                 }
             )
             print(records_markdown(rows[-1:], list(rows[-1])), flush=True)
@@ -521,7 +539,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     if 3 in args.part:
         print("\n## Part 3: time to accuracy (cnn; best learning rate of a small grid per method)")
-        rows = part3(args.datasets, args.out_dir, tag)
+        rows = part3(args.datasets, args.out_dir, tag, args.methods)
         write_records_csv(rows, args.out_dir / f"precond_tta{tag}.csv")
         print(records_markdown(rows, list(rows[0])))
     print(env)
