@@ -56,3 +56,13 @@ def test_bad_recipes_say_what_is_wrong(tmp_path, text, message):
         load_recipe(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_recipe(tmp_path / "missing.toml")
+
+
+def test_shipped_recipes_are_valid_configs():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parents[2] / "recipes").glob("*.toml"))
+    assert len(recipes) >= 4
+    for path in recipes:
+        config = TrainConfig(**load_recipe(path))
+        assert config.dataset == "fashion-mnist" and config.max_steps_per_epoch == 100
