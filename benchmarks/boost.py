@@ -36,12 +36,12 @@ from torch import nn
 
 from quicktrain import models
 from quicktrain.boost import BoostTransform, count_macs, count_params, distillation, expand
-from quicktrain.train import Hooks, TrainConfig, fit, load_checkpoint
+from quicktrain.train import Hooks, TrainConfig, Transform, fit, load_checkpoint
 
 METHODS = ("vanilla", "kd", "netbooster")
 
 
-class ExpandOnly:
+class ExpandOnly(Transform):
     """A model transform that only expands (the KD teacher is the giant, trained normally)."""
 
     def __init__(self, ratio: float) -> None:
@@ -49,21 +49,6 @@ class ExpandOnly:
 
     def before_training(self, model: nn.Module) -> nn.Module:
         return expand(model, ratio=self.ratio)
-
-    def on_step_start(self, model: nn.Module, step: int, total_steps: int) -> nn.Module:
-        return model
-
-    def after_training(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def rebuild(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 def _cost(model: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, int]:

@@ -29,7 +29,7 @@ from quicktrain.precond.estimate import compute_curvature
 from quicktrain.precond.importance import channel_magnitude, channel_saliency, magnitude_scores, obd_saliency
 from quicktrain.precond.run_data import LoadedRun, load_run, task_batches
 from quicktrain.precond.stats import KRON_TYPES
-from quicktrain.train import Hooks, TrainConfig, evaluate, fit, save_checkpoint
+from quicktrain.train import Hooks, TrainConfig, Transform, evaluate, fit, save_checkpoint
 
 __all__ = ["SCORES", "PruneStart", "apply_masks", "channel_keep", "prune_run", "score_model", "unstructured_masks"]
 
@@ -113,7 +113,7 @@ def score_model(run: LoadedRun, score: str, *, structured: bool, batches: int | 
     return channel_saliency(model, estimate) if structured else obd_saliency(model, estimate)
 
 
-class PruneStart:
+class PruneStart(Transform):
     """A :class:`~quicktrain.train.hooks.ModelTransform` that fine-tunes a given pruned model in ``fit``.
 
     ``before_training`` swaps in ``model`` (with ``masks`` held by ``torch.nn.utils.prune`` so pruned weights
@@ -128,22 +128,10 @@ class PruneStart:
             torch_prune.custom_from_mask(self.model.get_submodule(name), "weight", mask)
         return self.model
 
-    def on_step_start(self, model: nn.Module, step: int, total_steps: int) -> nn.Module:
-        return model
-
     def after_training(self, model: nn.Module) -> nn.Module:
         for name in self.masks:
             torch_prune.remove(model.get_submodule(name), "weight")
         return model
-
-    def rebuild(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Stateless."""
 
 
 def _finetune_config(run: LoadedRun, steps: int, lr: float | None, out: Path) -> TrainConfig:

@@ -9,6 +9,7 @@ from .hooks import (
     Hooks,
     Initializer,
     ModelTransform,
+    Transform,
     unwrap,
 )
 from .loop import NonFiniteLossError, RunResult, evaluate, fit, make_optimizer, pick_device
@@ -32,6 +33,7 @@ __all__ = [
     "GradientMakerFactory",
     "Initializer",
     "ModelTransform",
+    "Transform",
     "unwrap",
     # checkpoints
     "save_checkpoint",

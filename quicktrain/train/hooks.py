@@ -59,6 +59,29 @@ class ModelTransform(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class Transform:
+    """A :class:`ModelTransform` that changes nothing: subclass it and override only the points you need."""
+
+    def before_training(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def on_step_start(self, model: nn.Module, step: int, total_steps: int) -> nn.Module:
+        return model
+
+    def after_training(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def rebuild(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+
+
 class AutogradGradients:
     """The plain gradient maker: ``loss_fn(model(x), y).backward()``."""
 
@@ -104,5 +127,6 @@ __all__ = [
     "GradientMakerFactory",
     "Initializer",
     "ModelTransform",
+    "Transform",
     "unwrap",
 ]
