@@ -164,6 +164,8 @@ def fit(config: TrainConfig, hooks: Hooks | None = None) -> RunResult:
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
         log.truncate(step, start_epoch)
+    else:
+        log.truncate(0, 0)  # a fresh run in a used folder must not append to the old run's records
 
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, config.epochs):

@@ -190,3 +190,10 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert not torch.equal(a["1.weight"], load_checkpoint(single / "last.pt")["model"]["1.weight"] * 0)
+
+
+def test_a_fresh_run_in_a_used_folder_starts_a_fresh_metrics_log(tmp_path):
+    fit(dataclasses.replace(BASE, out=str(tmp_path), epochs=2))
+    fit(dataclasses.replace(BASE, out=str(tmp_path), epochs=1))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1]
