@@ -150,6 +150,24 @@ def _subsample(rows: Tensor, max_rows: int | None, generator: torch.Generator | 
     return rows[idx] * math.sqrt(rows.shape[0] / max_rows)
 
 
+def _dense_statistics(rows: Tensor, solver: str, F: Tensor | None, decay: float) -> tuple[Tensor | None, Tensor | None]:
+    """``(F, U)`` after one batch of per-example gradient ``rows`` ``[N, D]``.
+
+    ``smw`` keeps the rows of this batch (gathered over ranks), ``U = rows``; ``cholesky`` keeps the moving
+    average of the empirical Fisher ``F ← ema(F, rows^T rows)`` (averaged over ranks).
+    """
+    if solver == "smw":
+        return F, all_gather_rows(rows)
+    return ema(F, all_reduce_mean(rows.T @ rows), decay), None
+
+
+def _dense_solve(g: Tensor, solver: str, U: Tensor | None, F_chol: Tensor | None, damping: float) -> Tensor:
+    """``(F + λI)^{-1} g``: by Sherman–Morrison–Woodbury with ``F = U^T U`` or from the Cholesky factor."""
+    if solver == "smw":
+        return smw_solve(U, g.unsqueeze(-1), damping).squeeze(-1)
+    return torch.cholesky_solve(g.unsqueeze(-1), F_chol).squeeze(-1)
+
+
 class LayerBlock(Representation):
     """Dense Fisher block of all parameters of one module.
 
@@ -180,20 +198,15 @@ class LayerBlock(Representation):
     def update(self, batch: LayerBatch, decay: float) -> None:
         rows = flat_rows(batch, self.names)
         if self.solver == "smw":
-            self.U = all_gather_rows(_subsample(rows, self.max_rows, self.generator))
-        else:
-            self.F = ema(self.F, all_reduce_mean(rows.T @ rows), decay)
+            rows = _subsample(rows, self.max_rows, self.generator)
+        self.F, self.U = _dense_statistics(rows, self.solver, self.F, decay)
 
     def update_inverse(self, damping: float) -> None:
         if self.solver == "cholesky":
             self.F_chol = damped_cholesky(self.F, damping)
 
     def precondition(self, damping: float) -> None:
-        g = _flat(self.grads(), self.names)
-        if self.solver == "smw":
-            out = smw_solve(self.U, g.unsqueeze(-1), damping).squeeze(-1)
-        else:
-            out = torch.cholesky_solve(g.unsqueeze(-1), self.F_chol).squeeze(-1)
+        out = _dense_solve(_flat(self.grads(), self.names), self.solver, self.U, self.F_chol, damping)
         _set_flat(self.params, self.names, out)
 
     def mvp(self, vecs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -232,10 +245,7 @@ class FullModel:
     def update(self, batches: dict[str, LayerBatch], decay: float) -> None:
         pes = {m: b.per_example_grads() for m, b in batches.items()}
         rows = torch.cat([pes[m][n].reshape(pes[m][n].shape[0], -1) for m, n in self.keys], dim=1)
-        if self.solver == "smw":
-            self.U = all_gather_rows(rows)
-        else:
-            self.F = ema(self.F, all_reduce_mean(rows.T @ rows), decay)
+        self.F, self.U = _dense_statistics(rows, self.solver, self.F, decay)
 
     def update_inverse(self, damping: float) -> None:
         if self.solver == "cholesky":
@@ -247,10 +257,7 @@ class FullModel:
             if p.grad is None:
                 raise RuntimeError(f"parameter {m}.{n} has no gradient; pass ignore_modules=[{m!r}]")
         g = torch.cat([p.grad.reshape(-1) for p in params])
-        if self.solver == "smw":
-            out = smw_solve(self.U, g.unsqueeze(-1), damping).squeeze(-1)
-        else:
-            out = torch.cholesky_solve(g.unsqueeze(-1), self.F_chol).squeeze(-1)
+        out = _dense_solve(g, self.solver, self.U, self.F_chol, damping)
         i = 0
         for p in params:
             p.grad = out[i:i + p.numel()].view_as(p).clone()
