@@ -7,7 +7,8 @@ and ``vec`` stacks columns, so that
 .. math:: (A \\otimes G)\\,\\mathrm{vec}(V) = \\mathrm{vec}(G V A^\\top).
 
 Grouped convolutions carry a leading group axis ``[groups, ...]`` on every factor. Roots and inverses run
-``eigh`` / Cholesky in float64 with explicit clamps and are cast back to the input dtype.
+``eigh`` in float64 with explicit clamps and are cast back to the input dtype; Cholesky factorisations run in the
+input dtype and redo in float64 the matrices where they fail.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "eigh_float64",
     "kfac_factors",
     "kron_matmul",
+    "kron_per_example",
     "matrix_power",
     "smw_solve",
 ]
@@ -57,6 +59,20 @@ def kfac_factors(a: Tensor, g: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return _gram(a) / n, _gram(g) / length
 
 
+def kron_per_example(a: Tensor, g: Tensor) -> Tensor:
+    """Per-example gradient matrices of a Kronecker layer, ``∇W_{kn} = Σ_l g_{knl} a_{nl}^\\top``.
+
+    Args:
+        a: inputs ``[N, L, groups, d_in]``.
+        g: output gradients ``[K*N, L, groups, d_out]`` (K backward vectors stacked along the batch).
+
+    Returns:
+        ``[K*N, groups, d_out, d_in]``, one batched product over examples (the inputs are not repeated K times).
+    """
+    n, length, groups = a.shape[:3]
+    return torch.einsum("knlgo,nlgi->kngoi", g.reshape(-1, n, length, groups, g.shape[-1]), a).flatten(0, 1)
+
+
 def _gram(t: Tensor) -> Tensor:
     """``Σ_{n,l} t_{nlg} t_{nlg}^T`` per group as one (batched) matrix product."""
     groups = t.shape[2]
@@ -85,40 +101,64 @@ def _eye_like(m: Tensor) -> Tensor:
     return torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(m)
 
 
+def _check_damping(damping: float | Tensor) -> None:
+    if not bool((torch.as_tensor(damping) > 0).all()):
+        raise ValueError(f"damping must be > 0 for an inverse, got {damping}")
+
+
+def _plus_diagonal(m: Tensor, damping: float | Tensor) -> Tensor:
+    """``M + λI`` as a new tensor (``λ`` a float or a tensor broadcasting against ``[..., 1, 1]``)."""
+    out = m.clone()
+    lam = damping.to(m.dtype).squeeze(-1) if isinstance(damping, Tensor) and damping.dim() >= 2 else damping
+    out.diagonal(dim1=-2, dim2=-1).add_(lam)
+    return out
+
+
+def _clamped_eigh(damped: Tensor, damping: float | Tensor, bad: Tensor) -> tuple[Tensor, Tensor]:
+    """``(s, U)`` of the float64 eigendecomposition of the batch elements ``bad`` of ``M + λI``, with the
+    eigenvalues clamped below at ``λ`` (what they are for a PSD ``M``; round-off can push them lower)."""
+    s, u = torch.linalg.eigh(damped[bad].double())
+    floor = damping[bad] if isinstance(damping, Tensor) and damping.dim() > 0 else damping
+    floor = torch.as_tensor(floor, dtype=s.dtype, device=s.device).reshape(-1, 1)
+    return torch.maximum(s, floor), u
+
+
 def damped_cholesky_inverse(m: Tensor, damping: float | Tensor) -> Tensor:
-    """Inverse of a damped symmetric PSD matrix via Cholesky in float64.
+    """Inverse of a damped symmetric PSD matrix via Cholesky.
 
     .. math:: (M + \\lambda I)^{-1} = L^{-\\top} L^{-1}, \\quad L L^\\top = M + \\lambda I
 
+    The factorisation runs in the dtype of ``m`` (float32 is accurate to ~1e-6 relative for the damped
+    matrices of preconditioning and 4x faster than float64 on CPU). Batch elements whose factorisation fails,
+    because round-off made ``M + λI`` numerically indefinite, are inverted in float64 through the
+    eigendecomposition with eigenvalues clamped at ``λ`` (the same matrix for a PSD ``M``).
+
     Args:
-        m: ``[..., d, d]`` symmetric positive semi-definite.
+        m: ``[..., d, d]`` symmetric positive semi-definite (only the lower triangle is read).
         damping: ``λ > 0`` (a float, or a tensor broadcasting against ``[..., 1, 1]``).
 
     Returns:
         ``[..., d, d]`` in the dtype of ``m``.
 
-    Batch elements whose factorisation fails because round-off made ``M`` slightly indefinite are inverted
-    through the eigendecomposition with eigenvalues of ``M + λI`` clamped at ``λ`` (the same matrix for a PSD
-    ``M``).
-
     Raises:
         ValueError: ``damping`` is not positive.
     """
-    if not bool((torch.as_tensor(damping) > 0).all()):
-        raise ValueError(f"damping must be > 0 for an inverse, got {damping}")
-    m64 = m.double()
-    damping = damping.double() if isinstance(damping, Tensor) else damping
-    m64 = 0.5 * (m64 + m64.transpose(-1, -2)) + damping * _eye_like(m64)
-    chol, info = torch.linalg.cholesky_ex(m64)
-    inv = torch.cholesky_solve(_eye_like(m64).contiguous(), chol)  # much faster than cholesky_inverse on CPU
-    if bool((info != 0).any()):  # round-off made M indefinite: same inverse through clamped eigenvalues
-        bad = info != 0
-        s, u = torch.linalg.eigh(m64[bad])
-        floor = damping[bad] if isinstance(damping, Tensor) and damping.dim() > 0 else damping
-        s = torch.maximum(s, torch.as_tensor(floor, dtype=s.dtype, device=s.device).reshape(-1, 1)
-                          if isinstance(floor, Tensor) else torch.full_like(s, floor))
-        inv[bad] = (u * (1.0 / s).unsqueeze(-2)) @ u.transpose(-1, -2)
-    return inv.to(m.dtype)
+    _check_damping(damping)
+    damped = _plus_diagonal(m, damping)
+    chol, info = torch.linalg.cholesky_ex(damped)
+    inv = torch.cholesky_inverse(chol)
+    bad = info != 0
+    if bool(bad.any()):
+        s, u = _clamped_eigh(damped.reshape(-1, *m.shape[-2:]), _flat_damping(damping, m), bad.reshape(-1))
+        inv.reshape(-1, *m.shape[-2:])[bad.reshape(-1)] = ((u / s.unsqueeze(-2)) @ u.transpose(-1, -2)).to(m.dtype)
+    return inv
+
+
+def _flat_damping(damping: float | Tensor, m: Tensor) -> float | Tensor:
+    """``λ`` with one entry per matrix of the flattened batch of ``m`` (a float stays a float)."""
+    if not isinstance(damping, Tensor) or damping.dim() == 0:
+        return damping
+    return damping.expand(*m.shape[:-2], 1, 1).reshape(-1)
 
 
 def eigh_float64(m: Tensor, min_eig: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -279,13 +319,13 @@ def kron_damping(a: Tensor, g: Tensor, damping: float, pi: bool, eps: float = 1e
 
 
 def damped_cholesky(m: Tensor, damping: float) -> Tensor:
-    """Lower Cholesky factor ``L`` of ``M + λI``, computed in float64 (cast back), for repeated solves.
+    """Lower Cholesky factor ``L`` of ``M + λI`` for repeated solves (in the dtype of ``m``).
 
     .. math:: L L^\\top = M + \\lambda I, \\qquad (M + \\lambda I)^{-1} v = L^{-\\top} L^{-1} v
 
     Keeping ``L`` instead of the inverse costs a third of the flops on inverse steps and the same on the
     other steps (two triangular solves instead of one product). Where round-off made ``M`` slightly
-    indefinite, ``L`` factors ``U diag(max(s, λ)) U^T`` from the eigendecomposition of ``M + λI``.
+    indefinite, ``L`` factors ``U diag(max(s, λ)) U^T`` from the float64 eigendecomposition of ``M + λI``.
 
     Args:
         m: ``[d, d]`` symmetric positive semi-definite.
@@ -294,11 +334,10 @@ def damped_cholesky(m: Tensor, damping: float) -> Tensor:
     Returns:
         ``[d, d]`` lower triangular, in the dtype of ``m``.
     """
-    if damping <= 0:
-        raise ValueError(f"damping must be > 0 for an inverse, got {damping}")
-    m64 = _sym64(m) + damping * _eye_like(m.double())
-    chol, info = torch.linalg.cholesky_ex(m64)
+    _check_damping(damping)
+    damped = _plus_diagonal(m, damping)
+    chol, info = torch.linalg.cholesky_ex(damped)
     if bool((info != 0).any()):
-        s, u = torch.linalg.eigh(m64)
-        chol = torch.linalg.cholesky((u * s.clamp_min(damping).unsqueeze(-2)) @ u.transpose(-1, -2))
+        s, u = _clamped_eigh(damped.reshape(-1, *m.shape[-2:]), damping, (info != 0).reshape(-1))
+        chol = torch.linalg.cholesky((u * s.unsqueeze(-2)) @ u.transpose(-1, -2)).reshape(m.shape)
     return chol.to(m.dtype)

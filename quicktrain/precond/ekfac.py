@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from quicktrain.precond._math import eigh_float64, kfac_factors
+from quicktrain.precond._math import eigh_float64, kfac_factors, kron_per_example
 from quicktrain.precond.representation import Representation, ema
 from quicktrain.precond.stats import LayerBatch, all_reduce_mean, kron_grad_matrix, kron_set_grad
 
@@ -37,14 +37,12 @@ def ekfac_scales(a: Tensor, g: Tensor, ua: Tensor, ug: Tensor) -> Tensor:
     Returns:
         ``[groups, d_out, d_in]``.
     """
-    k = g.shape[0] // a.shape[0]
     a_hat = torch.einsum("nlgi,gij->nlgj", a, ua)
     g_hat = torch.einsum("nlgo,gop->nlgp", g, ug)
     if a.shape[1] == 1:  # one position: (ĝ â^T)^2 = ĝ^2 (â^2)^T
-        a2 = a_hat[:, 0].square().repeat(k, 1, 1)
-        return torch.einsum("ngo,ngi->goi", g_hat[:, 0].square(), a2)
-    pe = torch.einsum("nlgo,nlgi->ngoi", g_hat, a_hat.repeat(k, 1, 1, 1))
-    return pe.square().sum(0)
+        g2 = g_hat[:, 0].square().reshape(-1, a.shape[0], *g_hat.shape[2:])  # [K, N, groups, d_out]
+        return torch.einsum("kngo,ngi->goi", g2, a_hat[:, 0].square())
+    return kron_per_example(a_hat, g_hat).square().sum(0)
 
 
 class EigenCorrectedKron(Representation):

@@ -101,7 +101,6 @@ def compute_curvature(model: nn.Module, loss_fn: nn.Module, data: Iterable[tuple
     types = SUPPORTED_TYPES if representation != "kron" else (*KRON_TYPES, nn.Embedding, *NORM_TYPES)
     modules = select_modules(inner, types, ignore_modules, "error", f"compute_curvature({representation!r})")
     layers = {name: _REPRESENTATIONS[representation](name, m) for name, m in modules.items()}
-    probe = [m.bias if getattr(m, "bias", None) is not None else m.weight for m in modules.values()]
     gen: torch.Generator | None = None
     n_batches = 0
     for inputs, targets in data:
@@ -110,9 +109,8 @@ def compute_curvature(model: nn.Module, loss_fn: nn.Module, data: Iterable[tuple
             if gen is None:
                 gen = torch.Generator(device=logits.device)
                 gen.manual_seed(seed)
-            vecs = output_sqrt(loss_fn, logits, targets, ftype, n_samples=n_mc_samples, generator=gen)
-            for i, v in enumerate(vecs):
-                torch.autograd.grad(logits, probe, v, retain_graph=i < len(vecs) - 1, allow_unused=True)
+            cap.backward_to_outputs(logits, output_sqrt(loss_fn, logits, targets, ftype, n_samples=n_mc_samples,
+                                                        generator=gen))
         # running mean over batches: decay = b/(b+1) keeps (1/B) Σ_b C_b
         decay = n_batches / (n_batches + 1)
         for name, rep in layers.items():

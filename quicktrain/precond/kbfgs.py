@@ -143,11 +143,9 @@ class KbfgsGradients(CurvatureGradients):
         return loss, logits
 
     def _secant_pass(self, inputs: Tensor, targets: Tensor) -> None:
-        inner = unwrap(self.model)
-        probe = [m.bias if m.bias is not None else m.weight for m in self.kron.values()]
         with LayerCapture(self.kron, keep_outputs=True) as cap:
-            logits = _forward_keep_buffers(inner, inputs)
-            torch.autograd.grad(self.loss_fn(logits, targets), probe, allow_unused=True)
+            logits = _forward_keep_buffers(unwrap(self.model), inputs)
+            cap.backward_to_outputs(self.loss_fn(logits, targets), [None])
         for name in self.kron:
             self.reps[name].secant(cap.batch(name, inputs.shape[0]), self.damping)
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from quicktrain.precond.curvature import FisherType, _fisher_type, loss_kind, n_examples, output_sqrt
 from quicktrain.precond.natural_gradient import FullModel
-from quicktrain.precond.representation import Representation
+from quicktrain.precond.representation import Representation, first_nonfinite
 from quicktrain.precond.stats import SUPPORTED_TYPES, LayerBatch, LayerCapture, check_module
 from quicktrain.train.hooks import unwrap
 
@@ -269,8 +269,6 @@ class CurvatureGradients:
         self.step = 0
         self._has_curvature = False
         self._has_inverse = False
-        self._probe = [m.bias if getattr(m, "bias", None) is not None and m.bias.requires_grad else m.weight
-                       for m in self.modules.values()]
 
     # -- one step
     def forward_backward(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -306,8 +304,8 @@ class CurvatureGradients:
         """Raise naming the first layer whose statistics hold NaN/Inf (one device sync when all are fine)."""
         named = [(name, t) for name, rep in self._named_reps()
                  for key, v in rep.state_dict().items() if not key.endswith("_inv") for t in _tensors(v)]
-        if named and not bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
-            bad = next(name for name, t in named if not bool(torch.isfinite(t).all()))
+        bad = first_nonfinite(named)
+        if bad is not None:
             raise FloatingPointError(f"{self.method}: non-finite curvature statistics in layer {bad!r} at step "
                                      f"{step}; check the inputs' scale, lower the learning rate")
 
@@ -324,8 +322,7 @@ class CurvatureGradients:
             else:
                 vecs = output_sqrt(self.loss_fn, logits, targets, self.fisher_type, n_samples=self.n_mc_samples,
                                    generator=self.rng.get(logits.device))
-                for v in vecs:
-                    torch.autograd.grad(logits, self._probe, v, retain_graph=True, allow_unused=True)
+                cap.backward_to_outputs(logits, vecs)
                 loss.backward()
                 scale, passes = 1.0, slice(0, len(vecs))
         n = inputs.shape[0]
@@ -348,9 +345,8 @@ class CurvatureGradients:
     def _check_grads(self, step: int) -> None:
         params = [(name, p) for name, m in self.modules.items() for p in m.parameters(recurse=False)
                   if p.requires_grad]
-        ok = torch.stack([torch.isfinite(p.grad).all() for _, p in params]).all()
-        if not bool(ok):
-            bad = next(name for name, p in params if not bool(torch.isfinite(p.grad).all()))
+        bad = first_nonfinite([(name, p.grad) for name, p in params])
+        if bad is not None:
             raise FloatingPointError(f"{self.method}: non-finite preconditioned gradient in layer {bad!r} at step "
                                      f"{step}; raise the damping or lower the learning rate")
 

@@ -63,9 +63,7 @@ class UnitWise(Representation):
     def _unit_rows(self, batch: LayerBatch) -> Tensor:
         m = self.module
         if isinstance(m, KRON_TYPES):
-            a, g = batch.kron_inputs(), batch.kron_grads()
-            k = g.shape[0] // a.shape[0]
-            return torch.einsum("nlgo,nlgi->ngoi", g, a.repeat(k, 1, 1, 1))  # [KN, groups, o, i]
+            return batch.kron_per_example()  # [KN, groups, o, i]
         if isinstance(m, nn.Embedding):
             return batch.per_example_grads()["weight"]  # [KN, V, D]
         return batch.unit_grads()  # [KN, U, c]
@@ -122,8 +120,8 @@ class Diagonal(Representation):
         m = self.module
         if isinstance(m, nn.Linear) and batch.inputs[0].dim() == 2 and len(batch.inputs) == 1:
             a, g = batch.kron_inputs(), batch.kron_grads()  # one position: (g a^T)^2 = g^2 (a^2)^T
-            k = g.shape[0] // a.shape[0]
-            sq = torch.einsum("no,ni->oi", g[:, 0, 0].square(), a[:, 0, 0].square().repeat(k, 1))
+            g2 = g[:, 0, 0].square().reshape(-1, a.shape[0], g.shape[-1])  # [K, N, d_out]
+            sq = torch.einsum("kno,ni->oi", g2, a[:, 0, 0].square())
             d = {"weight": sq[:, : m.in_features]}
             if m.bias is not None:
                 d["bias"] = sq[:, -1]

@@ -33,6 +33,17 @@ def require_finite(t: Tensor, what: str, layer: str, step: int) -> Tensor:
     return t
 
 
+def first_nonfinite(named: list[tuple[str, Tensor]]) -> str | None:
+    """Name of the first tensor that holds NaN or Inf, or None (one device sync when all are finite).
+
+    The fast path reads each tensor once through its sum, which is non-finite whenever an entry is; only when
+    a sum is non-finite (an entry is, or finite entries overflowed) are the entries themselves checked.
+    """
+    if not named or bool(torch.isfinite(torch.stack([t.sum() for _, t in named])).all()):
+        return None
+    return next((name for name, t in named if not bool(torch.isfinite(t).all())), None)
+
+
 class Representation:
     """Base class: the curvature of one module's parameters in some structure.
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from quicktrain.precond.maker import _check_method, _ignored, check_common, due, register
-from quicktrain.precond.representation import ema
+from quicktrain.precond.representation import ema, first_nonfinite
 from quicktrain.train.hooks import unwrap
 
 __all__ = ["ShampooGradients", "as_matrix", "trainable_params"]
@@ -134,9 +134,8 @@ class ShampooGradients:
                 self.roots[n][k] = r.to(self.stats[n][k].dtype)
 
     def _check(self, t: int) -> None:
-        ps = list(self.params.items())
-        if not bool(torch.stack([torch.isfinite(p.grad).all() for _, p in ps]).all()):
-            bad = next(n for n, p in ps if not bool(torch.isfinite(p.grad).all()))
+        bad = first_nonfinite([(n, p.grad) for n, p in self.params.items()])
+        if bad is not None:
             raise FloatingPointError(f"shampoo: non-finite update of {bad!r} at step {t}; raise the damping")
 
     def state_dict(self) -> dict[str, Any]:

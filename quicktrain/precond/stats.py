@@ -2,7 +2,9 @@
 
 :class:`LayerCapture` registers a forward hook on each module; the hook stores the module's input and puts a
 pre-hook on the autograd node that produced the output, which receives ``∂(·)/∂output`` in every backward
-pass through the graph (``loss.backward()`` and each ``autograd.grad`` for extra Fisher vectors). Node hooks
+pass of ``loss.backward()``. Extra passes (the Fisher's output vectors, a secant pass) go through
+:meth:`LayerCapture.backward_to_outputs`, which asks autograd for the gradients at the recorded output *edges*
+only: no parameter gradient is computed, and nodes below the first module are not run. Node hooks and edges
 see the output as the module produced it, so later in-place ops (``ReLU(inplace=True)``) do not disturb them.
 All handles are removed on exit. :class:`LayerBatch` turns the records of one module into the views the
 representations need (Kronecker inputs/gradients, per-example gradients).
@@ -15,12 +17,16 @@ Supported module types: ``nn.Linear`` (any leading dims: extra dims are weight-s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn import functional as F  # noqa: N812
+
+from quicktrain.precond._math import kron_per_example
 
 __all__ = [
     "KRON_TYPES",
@@ -65,7 +71,16 @@ def check_module(name: str, module: nn.Module) -> None:
 class _Call:
     input: Tensor
     output: Tensor | None = None
+    edge: GradientEdge | None = None
+    like: tuple[torch.Size, torch.dtype, torch.device] | None = None
     grads: list[Tensor] = field(default_factory=list)
+
+    def add_grad(self, g: Tensor | None) -> None:
+        """Record one backward pass's gradient at the output (zeros where the output got none)."""
+        if g is None:
+            shape, dtype, device = self.like
+            g = torch.zeros(shape, dtype=dtype, device=device)
+        self.grads.append(g.detach())
 
 
 class LayerCapture:
@@ -85,6 +100,7 @@ class LayerCapture:
         self.keep_outputs = keep_outputs
         self.calls: dict[str, list[_Call]] = {name: [] for name in modules}
         self._handles: list = []
+        self._node_hooks_record = True  # off while backward_to_outputs records from its own results
 
     def __enter__(self) -> LayerCapture:
         for name, module in self.modules.items():
@@ -107,15 +123,40 @@ class LayerCapture:
             node = out.grad_fn
             if node is None:
                 return
-            nr, shape, dtype, device = out.output_nr, out.shape, out.dtype, out.device
+            call.edge = get_gradient_edge(out)
+            call.like = (out.shape, out.dtype, out.device)
+            nr = out.output_nr
 
             def prehook(grad_outputs: tuple[Tensor | None, ...]) -> None:
-                g = grad_outputs[nr]
-                call.grads.append(torch.zeros(shape, dtype=dtype, device=device) if g is None else g.detach())
+                if self._node_hooks_record:
+                    call.add_grad(grad_outputs[nr])
 
             self._handles.append(node.register_prehook(prehook))
 
         return hook
+
+    def backward_to_outputs(self, root: Tensor, vectors: Sequence[Tensor | None]) -> None:
+        """One extra backward pass per vector, from ``root`` down to the recorded module outputs only.
+
+        Each pass appends ``vᵀ ∂root/∂out`` to every call's ``grads``, like a ``backward()`` through the node
+        hooks would, but computes no parameter gradient and leaves ``.grad`` alone. The graph is retained.
+
+        Args:
+            root: the tensor to differentiate (logits, or a scalar loss).
+            vectors: ``grad_outputs`` of each pass (``None`` for a scalar ``root``).
+        """
+        calls = [c for cs in self.calls.values() for c in cs if c.edge is not None]
+        if not calls:
+            return
+        edges = [c.edge for c in calls]
+        self._node_hooks_record = False
+        try:
+            for v in vectors:
+                grads = torch.autograd.grad(root, edges, v, retain_graph=True, allow_unused=True)
+                for call, g in zip(calls, grads, strict=True):
+                    call.add_grad(g)
+        finally:
+            self._node_hooks_record = True
 
     def batch(self, name: str, n: int, scale: float = 1.0, passes: slice = slice(None)) -> LayerBatch:
         """The :class:`LayerBatch` of module ``name`` over the backward passes ``passes`` (scaled)."""
@@ -132,11 +173,12 @@ class LayerCapture:
 
 
 # --------------------------------------------------------------------------------------- layer views
-def _conv_unfold(module: nn.Conv2d, x: Tensor) -> Tensor:
-    """Patches ``[N, L, Cin*kh*kw]`` of a conv input (the columns the conv multiplies by its weight).
+def _conv_patches(module: nn.Conv2d, x: Tensor, ones: bool) -> Tensor:
+    """Patches of a conv input as ``[N, L, groups, Cin/groups*kh*kw (+1)]``: the columns the conv multiplies by
+    its weight, in the weight's (channel, kh, kw) order, with a trailing 1 per group when ``ones``.
 
-    Built from strided ``Tensor.unfold`` views and one copy (faster than ``F.unfold`` on CPU); the column order
-    is (channel, kh, kw) like the weight's.
+    Built from strided ``Tensor.unfold`` views and a single copy into the result (faster than ``F.unfold`` on
+    CPU, and the bias column costs no second copy).
     """
     padding = module.padding
     if isinstance(padding, str):
@@ -149,21 +191,23 @@ def _conv_unfold(module: nn.Conv2d, x: Tensor) -> Tensor:
     if dh > 1 or dw > 1:
         x = x[..., ::dh, ::dw]
     n, c, ho, wo = x.shape[:4]
-    return x.permute(0, 2, 3, 1, 4, 5).reshape(n, ho * wo, c * kh * kw)
+    groups = module.groups
+    d = c // groups * kh * kw
+    out = x.new_empty(n, ho * wo, groups, d + ones)
+    dst = out.view(n, ho, wo, groups, d + ones)[..., :d].unflatten(-1, (c // groups, kh, kw))
+    dst.copy_(x.permute(0, 2, 3, 1, 4, 5).unflatten(3, (groups, c // groups)))
+    if ones:
+        out[..., d] = 1.0
+    return out
 
 
 def _kron_input(module: nn.Module, x: Tensor, with_bias: bool = True) -> Tensor:
     """Layer input as ``[N, L, groups, d_in]`` (with a trailing 1 per group when the layer has a bias)."""
-    if isinstance(module, nn.Linear):
-        a = x.reshape(x.shape[0], -1, 1, x.shape[-1])
-    else:
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-        cols = _conv_unfold(module, x)
-        a = cols.reshape(cols.shape[0], cols.shape[1], module.groups, -1)
-    if module.bias is not None and with_bias:
-        a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
-    return a
+    ones = module.bias is not None and with_bias
+    if isinstance(module, nn.Conv2d):
+        return _conv_patches(module, x if x.dim() == 4 else x.unsqueeze(0), ones)
+    a = x.reshape(x.shape[0], -1, 1, x.shape[-1])
+    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1) if ones else a
 
 
 def _kron_grad(module: nn.Module, g: Tensor) -> Tensor:
@@ -194,30 +238,29 @@ def kron_set_grad(module: nn.Module, mat: Tensor) -> None:
     w.grad = mat.reshape(w.shape).contiguous()
 
 
-def _norm_xhat(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
-    """Normalised input ``x̂`` laid out as ``[N, P, U]`` (positions, units) and the number of units ``U``."""
+def _norm_xhat(module: nn.Module, x: Tensor) -> Tensor:
+    """Normalised input ``x̂`` of a norm layer laid out as ``[N, U, P]`` (units, positions)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if module.training or not module.track_running_stats:
-            dims = [0, *range(2, x.dim())]
-            mean = x.mean(dims, keepdim=True)
-            var = x.var(dims, unbiased=False, keepdim=True)
-        else:
-            shape = [1, -1] + [1] * (x.dim() - 2)
-            mean, var = module.running_mean.view(shape), module.running_var.view(shape)
-        xhat = (x - mean) / torch.sqrt(var + module.eps)
-        return xhat.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2), x.shape[1]
-    if isinstance(module, nn.GroupNorm):
+        batch_stats = module.training or not module.track_running_stats
+        xhat = F.batch_norm(x, None if batch_stats else module.running_mean,
+                            None if batch_stats else module.running_var, training=batch_stats, eps=module.eps)
+    elif isinstance(module, nn.GroupNorm):
         xhat = F.group_norm(x, module.num_groups, eps=module.eps)
-        return xhat.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2), x.shape[1]
-    units = math.prod(module.normalized_shape)
-    xhat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
-    return xhat.reshape(x.shape[0], -1, units), units
+    else:
+        return _norm_grad(module, F.layer_norm(x, module.normalized_shape, eps=module.eps))
+    return xhat.reshape(x.shape[0], x.shape[1], -1)
 
 
 def _norm_grad(module: nn.Module, g: Tensor) -> Tensor:
+    """Output gradient of a norm layer laid out as ``[N, U, P]``."""
     if isinstance(module, nn.LayerNorm):
-        return g.reshape(g.shape[0], -1, math.prod(module.normalized_shape))
-    return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
+        return g.reshape(g.shape[0], -1, math.prod(module.normalized_shape)).transpose(1, 2)
+    return g.reshape(g.shape[0], g.shape[1], -1)
+
+
+def _cat(ts: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat`` that returns a single tensor as it is instead of copying it."""
+    return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
 
 
 class LayerBatch:
@@ -239,36 +282,40 @@ class LayerBatch:
 
     def kron_inputs(self, with_bias: bool = True) -> Tensor:
         """``[N, L, groups, d_in]`` with calls concatenated along ``L`` (bias column unless ``with_bias=False``)."""
-        return torch.cat([_kron_input(self.module, x, with_bias) for x in self.inputs], dim=1)
+        return _cat([_kron_input(self.module, x, with_bias) for x in self.inputs], 1)
 
     def kron_grads(self) -> Tensor:
         """``[K*N, L, groups, d_out]``."""
-        per_call = [torch.cat([_kron_grad(self.module, g) for g in gs], dim=0) for gs in self.grads]
-        return torch.cat(per_call, dim=1)
+        return _cat([_cat([_kron_grad(self.module, g) for g in gs], 0) for gs in self.grads], 1)
+
+    def kron_per_example(self) -> Tensor:
+        """Per-example gradients of a Linear/Conv2d as matrices ``[K*N, groups, d_out, d_in(+1)]`` (see
+        :func:`~quicktrain.precond._math.kron_per_example`)."""
+        return kron_per_example(self.kron_inputs(), self.kron_grads())
 
     def embedding_inputs(self) -> tuple[Tensor, int]:
         """Token indices ``[N, L]`` over all calls and the number of positions per example ``L``."""
-        idx = torch.cat([x.reshape(x.shape[0], -1) for x in self.inputs], dim=1)
+        idx = _cat([x.reshape(x.shape[0], -1) for x in self.inputs], 1)
         return idx, idx.shape[1]
 
     def embedding_grads(self) -> Tensor:
         """``[K*N, L, D]``."""
         d = self.module.embedding_dim
-        return torch.cat([torch.cat([g.reshape(g.shape[0], -1, d) for g in gs], 0) for gs in self.grads], 1)
+        return _cat([_cat([g.reshape(g.shape[0], -1, d) for g in gs], 0) for gs in self.grads], 1)
 
     def unit_grads(self) -> Tensor:
         """Per-example (weight, bias) gradients of each unit of a norm layer, ``[K*N, U, 1 or 2]``."""
         outs = []
         for x, gs in zip(self.inputs, self.grads, strict=True):
-            xhat, _ = _norm_xhat(self.module, x)
+            xhat = _norm_xhat(self.module, x)
             for g in gs:
                 gg = _norm_grad(self.module, g)
-                cols = [(gg * xhat).sum(1)] if self.module.weight is not None else []
+                cols = [(gg * xhat).sum(-1)] if self.module.weight is not None else []
                 if self.module.bias is not None:
-                    cols.append(gg.sum(1))
+                    cols.append(gg.sum(-1))
                 outs.append(torch.stack(cols, dim=-1))
         k = self.k
-        per_call = [torch.cat(outs[i * k:(i + 1) * k], 0) for i in range(len(self.inputs))]
+        per_call = [_cat(outs[i * k:(i + 1) * k], 0) for i in range(len(self.inputs))]
         return torch.stack(per_call).sum(0)
 
     def per_example_grads(self) -> dict[str, Tensor]:
@@ -280,10 +327,7 @@ class LayerBatch:
         """
         m = self.module
         if isinstance(m, KRON_TYPES):
-            a, g = self.kron_inputs(), self.kron_grads()
-            k = g.shape[0] // a.shape[0]
-            a = a.repeat(k, 1, 1, 1)
-            mat = torch.einsum("nlgo,nlgi->ngoi", g, a)
+            mat = self.kron_per_example()
             out = {}
             if m.bias is not None:
                 out["bias"] = mat[..., -1].reshape(mat.shape[0], *m.bias.shape)

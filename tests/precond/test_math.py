@@ -24,6 +24,38 @@ def test_damped_inverses_equal_dense_inverse():
     torch.testing.assert_close(_math.damped_eigh_inverse(m, 0.3), ref)
 
 
+def test_float32_cholesky_inverse_with_per_group_damping_matches_float64():
+    m = _spd(40, (3,))
+    lam = torch.tensor([0.1, 0.01, 0.001], dtype=torch.float64).view(3, 1, 1)
+    ref = torch.linalg.inv(m + lam * torch.eye(40, dtype=torch.float64))
+    out = _math.damped_cholesky_inverse(m.float(), lam.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def _indefinite(d: int, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A matrix whose smallest eigenvalue is ``-2λ`` (round-off beyond the damping) and the inverse the
+    clamped eigendecomposition defines: ``U diag(1/max(s + λ, λ)) U^T``."""
+    u, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    s = torch.linspace(1.0, 2.0, d, dtype=torch.float64)
+    s[0] = -2 * lam
+    m = (u * s) @ u.T
+    return m, (u / torch.clamp_min(s + lam, lam)) @ u.T
+
+
+def test_cholesky_inverse_falls_back_to_clamped_eigh_only_where_it_fails():
+    lam = 1e-3
+    bad, bad_ref = _indefinite(6, lam)
+    good = _spd(6)
+    m = torch.stack([good, bad]).float()
+    out = _math.damped_cholesky_inverse(m, lam)
+    torch.testing.assert_close(out[1].double(), bad_ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(out[0].double(), torch.linalg.inv(good + lam * torch.eye(6, dtype=torch.float64)),
+                               rtol=1e-4, atol=1e-4)
+    chol = _math.damped_cholesky(bad.float(), lam).double()
+    torch.testing.assert_close(torch.cholesky_inverse(chol), bad_ref, rtol=1e-4, atol=1e-3)
+
+
 def test_matrix_power_is_inverse_fourth_root():
     m = _spd(4)
     root = _math.matrix_power(m, -0.25, 1e-3)
