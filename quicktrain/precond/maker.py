@@ -79,7 +79,7 @@ def make(name: str, model: nn.Module, loss_fn: nn.Module, **config: Any):
 
 def _load_methods() -> None:
     # the method modules register themselves on import
-    from quicktrain.precond import kbfgs, methods, newton, psgd, shampoo  # noqa: F401
+    from quicktrain.precond import curveball, kbfgs, methods, newton, psgd, shampoo  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------ config

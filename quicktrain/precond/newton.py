@@ -30,10 +30,10 @@ from quicktrain.precond.shampoo import trainable_params
 from quicktrain.precond.stats import all_reduce_mean
 from quicktrain.train.hooks import unwrap
 
-__all__ = ["NewtonCGGradients", "NewtonGradients"]
+__all__ = ["GraphMaker", "NewtonCGGradients", "NewtonGradients"]
 
 
-class _GraphMaker:
+class GraphMaker:
     """Shared: forward through the unwrapped model, keep the graph, average gradients over ranks."""
 
     method = ""
@@ -75,7 +75,7 @@ class _GraphMaker:
         self.step = int(state["step"])
 
 
-class NewtonGradients(_GraphMaker):
+class NewtonGradients(GraphMaker):
     """Damped (saddle-free) Newton with the exact Hessian; refuses models over ``max_params``."""
 
     method = "newton"
@@ -129,7 +129,7 @@ class NewtonGradients(_GraphMaker):
             setattr(self, k, None if state[k] is None else state[k].to(dev))
 
 
-class NewtonCGGradients(_GraphMaker):
+class NewtonCGGradients(GraphMaker):
     """Newton-CG / Hessian-free: CG on ``(C + λI)Δθ = ∇θ`` with matrix-free products.
 
     Args:

@@ -10,7 +10,8 @@ from torch import nn
 from quicktrain import precond
 
 METHODS = {"kfac": {"fisher_type": "exact"}, "ekfac": {"fisher_type": "exact"}, "smw_ng": {"fisher_type": "exact"},
-           "diag_ng": {"fisher_type": "exact"}, "shampoo": {}, "newton_cg": {}, "psgd": {}, "kbfgs": {}}
+           "diag_ng": {"fisher_type": "exact"}, "shampoo": {}, "newton_cg": {}, "psgd": {}, "kbfgs": {},
+           "curveball": {}}
 
 
 def model() -> nn.Module:

@@ -234,6 +234,51 @@ def test_newton_cg_ggn_equals_damped_ggn_solve(case, ref):
     torch.testing.assert_close(out, torch.linalg.solve(ggn + LAM * torch.eye(g.numel(), dtype=g.dtype), g))
 
 
+def _curveball_reference(ggn, g, z):
+    """``(Δz, z_new)`` of one CurveBall step from the dense damped GGN: minimise the quadratic model over
+    ``span{z, Δz}`` by solving the 2×2 system of its coefficients (least-norm when ``z = 0``)."""
+    a = ggn + LAM * torch.eye(g.numel(), dtype=g.dtype)
+    dz = a @ z + g
+    basis = torch.stack([z, dz], dim=1)  # [P, 2]
+    coef = torch.linalg.lstsq(basis.T @ a @ basis, -(basis.T @ g)).solution
+    return dz, basis @ coef
+
+
+def test_curveball_steps_minimise_the_damped_ggn_model_over_momentum_and_step(case, ref):
+    model, x, y = case["model"], case["x"], case["y"]
+    fn = nn.CrossEntropyLoss()
+    maker = precond.make("curveball", model, fn, damping=LAM)
+    z = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    for _ in range(3):  # the first step has z = 0; later ones use the momentum at the moved parameters
+        ggn, g = ref.ggn(model, fn, x, y), ref.grad(model, fn, x, y)
+        _, z = _curveball_reference(ggn, g, z)
+        model.zero_grad()
+        maker.forward_backward(x, y)
+        out = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        torch.testing.assert_close(out, -z)
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= p.grad  # SGD with lr=1 applies CurveBall's θ ← θ + z
+
+
+def test_curveball_solves_least_squares():
+    """On linear least squares the GGN is the exact Hessian and CurveBall, a tuned heavy ball on the true
+    quadratic, reaches the damped minimiser."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 2).double()
+    x, y = torch.randn(40, 5, dtype=torch.float64), torch.randn(40, 2, dtype=torch.float64)
+    maker = precond.make("curveball", model, nn.MSELoss(), damping=1e-6)
+    for _ in range(60):
+        model.zero_grad()
+        maker.forward_backward(x, y)
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= p.grad
+    xa = torch.cat([x, torch.ones(40, 1, dtype=torch.float64)], dim=1)
+    solution = torch.linalg.lstsq(xa, y).solution  # [6, 2]
+    torch.testing.assert_close(torch.cat([model.weight.T, model.bias[None]]), solution, atol=1e-5, rtol=1e-5)
+
+
 def test_embedding_kronecker_factors_equal_token_counts_and_output_gradients():
     torch.manual_seed(0)
     emb = nn.Embedding(7, 4, padding_idx=0).double()

@@ -15,11 +15,11 @@ from quicktrain.train.hooks import AutogradGradients
 METHODS = precond.list_methods()
 KINDS = ["cnn", "emb", "mlp"]
 EXPECTED = {"sgd", "kfac", "ekfac", "skfac", "shampoo", "psgd", "kbfgs", "smw_ng", "seng", "full_ng",
-            "layerwise_ng", "unitwise_ng", "diag_ng", "newton", "newton_cg"}
+            "layerwise_ng", "unitwise_ng", "diag_ng", "newton", "newton_cg", "curveball"}
 
 
 def _config(name: str) -> dict:
-    if name in ("newton_cg",):
+    if name in ("newton_cg", "curveball"):
         return {"damping": 0.1}
     return {"damping": 0.1, "curvature_interval": 2, "inverse_interval": 3, "warmup": 1}
 
