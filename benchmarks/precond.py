@@ -67,48 +67,70 @@ def _data(shape, batch: int, device: torch.device, seed: int = 0):
     return x, y
 
 
-def time_steps(step, device: torch.device, burn_in: int, steps: int) -> tuple[float, float]:
-    """Median ms of ``steps`` individually timed steps after ``burn_in`` (the median resists other processes on
-    a shared machine), and peak MB allocated (CUDA) in the timed window."""
-    for _ in range(burn_in):
-        step()
+def time_steps(steps: list, device: torch.device, burn_in: int, n: int) -> list[tuple[float, float]]:
+    """Median ms of ``n`` individually timed calls of each step function, called in turns (A B A B ...) after
+    ``burn_in`` calls each, so that other load on a shared machine hits all of them alike; and each one's peak
+    MB allocated while it ran (CUDA; all live tensors count, nan on CPU)."""
+    for step in steps:
+        for _ in range(burn_in):
+            step()
     _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-    return statistics.median(times), peak
+    times = [[] for _ in steps]
+    peaks = [0.0 for _ in steps]
+    for _ in range(n):
+        for i, step in enumerate(steps):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times[i].append((time.perf_counter() - t0) * 1e3)
+            if device.type == "cuda":
+                peaks[i] = max(peaks[i], torch.cuda.max_memory_allocated(device) / 2**20)
+    return [
+        (statistics.median(t), pk if device.type == "cuda" else float("nan"))
+        for t, pk in zip(times, peaks, strict=True)
+    ]
 
 
-def schedule_ms(make_step, device: torch.device, intervals: list[int], steps: int) -> tuple[dict, float, object]:
-    """ms/step at each update interval from separately timed update and plain steps.
+def schedule_ms(make_steps, device: torch.device, intervals: list[int], steps: int) -> list[tuple[dict, float]]:
+    """ms/step at each update interval from separately timed update and plain steps, for several step
+    functions timed in turns.
 
-    ``make_step(k)`` builds a fresh step function whose maker refreshes curvature and inverse every ``k``
-    steps (and returns ``(step, maker)``). An update step is timed at ``k = 1`` (after one burn-in step), a
-    plain step at ``k = max(intervals)`` (steps 1…, which refresh nothing); the mean over a schedule of interval
-    ``k`` is ``(t_update + (k-1) t_plain) / k``. This needs a handful of steps per method, so the slow CPU runs
-    stay affordable, and is exact for a fixed schedule.
+    ``make_steps(k)`` builds fresh step functions (one per contender) whose makers refresh curvature and
+    inverse every ``k`` steps. Update steps are timed at ``k = 1`` (after one burn-in step), plain steps at
+    ``k = max(intervals)`` (steps 1…, which refresh nothing); the mean over a schedule of interval ``k`` is
+    ``(t_update + (k-1) t_plain) / k``. This needs a handful of steps per method, so the slow CPU runs stay
+    affordable, and is exact for a fixed schedule. A contender whose ``make_steps(k)`` raises ``ValueError``
+    for ``k > 1`` (matrix-free methods that refresh every step) gets only ``k = 1``.
 
     Returns:
-        ``({k: ms_per_step}, peak_mb of the update steps (CUDA; nan on CPU), maker of the update run)``.
+        per contender ``({k: ms_per_step}, peak_mb of its update steps)``.
     """
-    step, maker = make_step(1)
-    t_update, peak = time_steps(step, device, 1, steps)
-    out = {1: t_update}
+    update = time_steps(make_steps(1), device, 1, steps)
+    out = [({1: t}, peak) for t, peak in update]
     longest = max(intervals)
     if longest > 1:
         try:
-            step, _ = make_step(longest)
-        except ValueError:  # the method refreshes at every step (newton_cg): other intervals are n/a
-            return out, peak, maker
-        t_plain, _ = time_steps(step, device, 1, min(steps, longest - 1))
-        out.update({k: (t_update + (k - 1) * t_plain) / k for k in intervals if k > 1})
-    return out, peak, maker
+            plain = time_steps(make_steps(longest), device, 1, min(steps, longest - 1))
+        except ValueError:  # the method refreshes at every step (newton_cg, curveball): other intervals are n/a
+            return out
+        for (times, _), (t_plain, _) in zip(out, plain, strict=True):
+            t_update = times[1]
+            times.update({k: (t_update + (k - 1) * t_plain) / k for k in intervals if k > 1})
+    return out
+
+
+def peak_mb(step, device: torch.device) -> float:
+    """Peak MB allocated during one step after a burn-in step (CUDA; nan on CPU)."""
+    if device.type != "cuda":
+        return float("nan")
+    step()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def state_mb(maker) -> float:
@@ -154,31 +176,42 @@ def part1(
         x, y = _data(shape, b, device)
         base = get_model(mname, num_classes=10, in_shape=shape).to(device)
         nparams = sum(p.numel() for p in base.parameters())
-        sgd = {}
+        sgd_peak = float("nan")
         for name in methods:
+            made = {}
 
-            def make_step(k, name=name, base=base, x=x, y=y):
-                model = copy.deepcopy(base)
-                maker = precond.make(
-                    name, model, nn.CrossEntropyLoss(), damping=1e-3, curvature_interval=k, inverse_interval=k
-                )
-                return _maker_step(maker, model, x, y), maker
+            def make_steps(k, name=name, base=base, x=x, y=y, made=made):
+                """The method's step and, in turns with it, plain SGD on its own copy (the ratio's baseline)."""
+                steps = []
+                for method in dict.fromkeys(["sgd", name]):
+                    model = copy.deepcopy(base)
+                    maker = precond.make(
+                        method, model, nn.CrossEntropyLoss(), damping=1e-3, curvature_interval=k, inverse_interval=k
+                    )
+                    made[method] = (maker, model)
+                    steps.append(_maker_step(maker, model, x, y))
+                return steps
 
             try:
-                times, peak, maker = schedule_ms(make_step, device, intervals, steps)
+                timed = schedule_ms(make_steps, device, intervals, steps)
+                (sgd_times, _), (times, _) = timed[0], timed[-1]
+                maker, model = made[name]
                 smb, note = state_mb(maker), ""
+                made.clear()  # peak memory is read with only this method's model and state alive
+                peak = peak_mb(_maker_step(maker, model, x, y), device)
+                if name == "sgd":
+                    sgd_peak = peak
             except Exception as e:  # noqa: BLE001 - e.g. a representation that cannot hold this model
-                times, peak, smb = {}, float("nan"), float("nan")
+                times, sgd_times, peak, smb = {}, {}, float("nan"), float("nan")
                 note = str(e).split(";")[0][:90]
+            del made
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             for interval in intervals:
                 ms = times.get(interval, float("nan"))
                 if interval not in times and not note:
                     note = f"interval {interval} not supported (matrix-free, refreshed every step)"
-                if name == "sgd":
-                    sgd[interval] = (ms, peak)
-                ms0, mb0 = sgd.get(interval, (float("nan"), float("nan")))
+                ms0 = sgd_times.get(1, float("nan"))  # plain SGD costs the same at every interval
                 row = {
                     "model": mname,
                     "params": nparams,
@@ -186,9 +219,10 @@ def part1(
                     "interval": interval,
                     "method": name,
                     "ms": round(ms, 2),
+                    "sgd_ms": round(ms0, 2),
                     "x_sgd_time": round(ms / ms0, 2),
                     "peak_mb": round(peak, 1),
-                    "x_sgd_mem": round(peak / mb0, 2) if mb0 == mb0 else float("nan"),
+                    "x_sgd_mem": round(peak / sgd_peak, 2),
                     "state_mb": round(smb, 1),
                     "note": note,
                 }
@@ -272,7 +306,14 @@ def part2(device: torch.device, batch: int, steps: int, intervals: list[int]) ->
         ),
         ("Shampoo", "mlp", ("shampoo", {"relative_eps": True}), (asdl.ShampooGradientMaker, {}, {}), "weights"),
         ("Shampoo", "resnet20", ("shampoo", {"relative_eps": True}), (asdl.ShampooGradientMaker, {}, {}), "weights"),
-        ("K-BFGS", "mlp", ("kbfgs", {"ema_decay": 0.0}), (asdl.KronBfgsGradientMaker, {}, {"ema_decay": 1.0}), "time"),
+        # ASDL tracks (A + √λI)^{-1} by BFGS updates (a_inverse="bfgs"); its first step applies no preconditioner
+        (
+            "K-BFGS",
+            "mlp",
+            ("kbfgs", {"ema_decay": 0.0, "a_inverse": "bfgs"}),
+            (asdl.KronBfgsGradientMaker, {}, {"ema_decay": 1.0}),
+            "time",
+        ),
         (
             "NG full (exact)",
             "mlp_small",
@@ -309,6 +350,8 @@ def part2(device: torch.device, batch: int, steps: int, intervals: list[int]) ->
             (asdl.DiagNaturalGradientMaker, {"fisher_type": asdl.FISHER_EXACT}, {}),
             None,
         ),
+        # ASDL's CurveBall uses the Hessian and a fixed momentum, quicktrain's the GGN and the tuned ρ, β
+        ("CurveBall", "mlp", ("curveball", {}), (asdl.CurveBallGradientMaker, {}, {}), "time"),
     ]
     rows = []
     for label, mname, (ours, ours_kw), (acls, akw, acfg), compare in cases:
@@ -345,7 +388,9 @@ def part2(device: torch.device, batch: int, steps: int, intervals: list[int]) ->
                 diff = f"{_rel_diff(ga, gb, keys):.2e}"
 
             # timing on fresh copies: update steps at k=1, plain steps at k=max(intervals) (see schedule_ms)
-            def ours_step(k, ours=ours, ours_kw=ours_kw, base=base, x=x, y=y, damping=damping):
+            def make_steps(
+                k, ours=ours, ours_kw=ours_kw, acls=acls, akw=akw, cfg=cfg, base=base, x=x, y=y, damping=damping
+            ):
                 m1 = copy.deepcopy(base)
                 mk = precond.make(
                     ours,
@@ -356,15 +401,13 @@ def part2(device: torch.device, batch: int, steps: int, intervals: list[int]) ->
                     inverse_interval=k,
                     **ours_kw,
                 )
-                return _maker_step(mk, m1, x, y), mk
-
-            def asdl_step(k, acls=acls, akw=akw, cfg=cfg, base=base, x=x, y=y):
                 cfg_k = {**cfg, "preconditioner_upd_interval": k, "curvature_upd_interval": k}
-                return _asdl_step(asdl, acls, copy.deepcopy(base), x, y, cfg_k, akw)[1], None
+                return [_maker_step(mk, m1, x, y), _asdl_step(asdl, acls, copy.deepcopy(base), x, y, cfg_k, akw)[1]]
 
-            t_ours, _, _ = schedule_ms(ours_step, device, intervals, steps)
-            t_asdl, _, _ = schedule_ms(asdl_step, device, intervals, steps)
+            (t_ours, _), (t_asdl, _) = schedule_ms(make_steps, device, intervals, steps)
             for k in intervals:
+                if k not in t_ours:
+                    continue
                 rows.append(
                     {
                         **base_row,
@@ -492,11 +535,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", nargs="+", default=None)
     ap.add_argument("--quick", action="store_true", help="batch 32, 10 steps, MLP only")
     ap.add_argument("--datasets", nargs="+", default=list(TTA_TASKS), help="part 3 datasets")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 was fastest on a shared 2-core box)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "results")
     args = ap.parse_args(argv)
     if args.quick:
         args.batch, args.steps, args.models = 32, 2, ["mlp"]
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     tag = args.tag or ("_cuda" if device.type == "cuda" else "_cpu")
     env = (

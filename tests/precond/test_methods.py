@@ -192,3 +192,29 @@ def test_damped_bfgs_update_satisfies_the_secant_equation_and_stays_positive_def
     torch.testing.assert_close((new @ (y + 0.1 * s)[..., None])[..., 0], s)
     bad = damped_bfgs_update(h, s, -y, 0.0)  # negative curvature pair: Powell damping keeps H PD
     assert torch.linalg.eigvalsh(bad[0]).min() > 0
+    torch.testing.assert_close(damped_bfgs_update(h, 0 * s, 0 * y, 0.1), h)  # no movement: no update
+
+
+def test_kbfgs_bfgs_inverse_of_a_satisfies_the_secant_equation_along_the_mean_input(zoo):
+    torch.manual_seed(0)
+    model = zoo.models["mlp"]().double()
+    maker = precond.make("kbfgs", model, nn.CrossEntropyLoss(), damping=0.1, a_inverse="bfgs")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lam = 0.1 ** 0.5
+    for _ in range(3):
+        x, y = zoo.batch("mlp", 8)
+        rep = maker.reps["0"]
+        before = None if rep.A_inv is None else rep.A_inv.clone()
+        opt.zero_grad()
+        maker.forward_backward(x, y)
+        opt.step()
+        if before is None:  # the first inverse is the damped Cholesky inverse
+            eye = torch.eye(rep.A.shape[-1], dtype=torch.float64)
+            torch.testing.assert_close(rep.A_inv, torch.linalg.inv(rep.A + lam * eye))
+            continue
+        s = (before @ rep.a_bar[..., None])[..., 0]
+        y_vec = (rep.A @ s[..., None])[..., 0] + lam * s
+        torch.testing.assert_close((rep.A_inv @ y_vec[..., None])[..., 0], s)
+        assert torch.linalg.eigvalsh(rep.A_inv).min() > 0
+    with pytest.raises(ValueError, match="a_inverse"):
+        precond.make("kbfgs", model, nn.CrossEntropyLoss(), a_inverse="lbfgs")
