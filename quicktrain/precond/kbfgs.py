@@ -39,8 +39,7 @@ from quicktrain.precond.stats import (
     LayerBatch,
     LayerCapture,
     all_reduce_mean,
-    kron_grad_matrix,
-    kron_set_grad,
+    kron_sandwich_grad,
 )
 from quicktrain.train.hooks import unwrap
 
@@ -48,9 +47,11 @@ __all__ = ["KbfgsGradients", "KronBfgs", "bfgs_inverse_update", "damped_bfgs_upd
 
 
 def bfgs_inverse_update(h: Tensor, s: Tensor, y: Tensor) -> Tensor:
-    """BFGS update of an inverse-curvature matrix (batched over a leading group axis), for ``sᵀy > 0``.
+    """BFGS update of an inverse-curvature matrix (batched over a leading group axis), in ``O(d²)``.
 
-    .. math:: H \\leftarrow (I - \\rho s y^\\top) H (I - \\rho y s^\\top) + \\rho s s^\\top, \\quad \\rho = 1/s^\\top y
+    .. math:: H \\leftarrow (I - \\rho s y^\\top) H (I - \\rho y s^\\top) + \\rho s s^\\top
+        = H + \\rho^2 (s^\\top y + y^\\top H y)\\, s s^\\top - \\rho\\,(H y s^\\top + s y^\\top H),
+        \\quad \\rho = 1/s^\\top y
 
     Args:
         h: ``[groups, d, d]`` current inverse approximation (symmetric positive definite).
@@ -61,12 +62,14 @@ def bfgs_inverse_update(h: Tensor, s: Tensor, y: Tensor) -> Tensor:
         ``[groups, d, d]`` satisfying the secant equation ``H_new y = s``; a group whose pair has ``sᵀy ≤ 0``
         (no curvature information, e.g. the parameters did not move) keeps ``H`` (``ρ = 0``).
     """
-    sy = (s * y).sum(-1, keepdim=True).unsqueeze(-1)
+    sy = (s * y).sum(-1, keepdim=True)
     ok = sy > 0
-    rho = torch.where(ok, 1.0 / torch.where(ok, sy, torch.ones_like(sy)), torch.zeros_like(sy))
-    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
-    left = eye - rho * s.unsqueeze(-1) * y.unsqueeze(-2)
-    return left @ h @ left.transpose(-1, -2) + rho * s.unsqueeze(-1) * s.unsqueeze(-2)
+    rho = torch.where(ok, 1.0 / torch.where(ok, sy, torch.ones_like(sy)), torch.zeros_like(sy))  # [groups, 1]
+    hy = (h @ y.unsqueeze(-1)).squeeze(-1)
+    yhy = (y * hy).sum(-1, keepdim=True)
+    u = 0.5 * rho.square() * (sy + yhy) * s - rho * hy  # the update is s uᵀ + u sᵀ
+    cross = s.unsqueeze(-1) * u.unsqueeze(-2)
+    return h + cross + cross.transpose(-1, -2)
 
 
 def damped_bfgs_update(h: Tensor, s: Tensor, y: Tensor, mu: float) -> Tensor:
@@ -115,18 +118,22 @@ class KronBfgs(Representation):
             the paper) or ``bfgs`` (the Cholesky inverse once, then on each inverse step one BFGS update towards
             the current ``A`` along the mean input, ``s = H_A ā``, ``y = (A + √λ I) s``, as ASDL does; ``O(d²)``
             instead of ``O(d³)``).
+        bias: ``augment`` (the bias is the last input column of ``A``) or ``separate`` (``A`` over the weight
+            inputs only and the bias preconditioned by ``H`` alone, as ASDL does).
     """
 
     _state = ("A", "A_inv", "a_bar", "H", "h_bar", "g_bar")
 
-    def __init__(self, name: str, module: nn.Module, a_inverse: str = "cholesky") -> None:
+    def __init__(self, name: str, module: nn.Module, a_inverse: str = "cholesky", bias: str = "augment") -> None:
         super().__init__(name, module)
         if a_inverse not in ("cholesky", "bfgs"):
             raise ValueError(f"Unknown a_inverse={a_inverse!r}; choose from ['bfgs', 'cholesky']")
-        self.a_inverse = a_inverse
+        if bias not in ("augment", "separate"):
+            raise ValueError(f"Unknown bias={bias!r}; choose from ['augment', 'separate']")
+        self.a_inverse, self.bias = a_inverse, bias
 
     def update(self, batch: LayerBatch, decay: float) -> None:
-        a = batch.kron_inputs()
+        a = batch.kron_inputs(with_bias=self.bias == "augment")
         fa, _ = kfac_factors(a, batch.kron_grads()[:0], batch.n)
         self.A = ema(self.A, all_reduce_mean(fa), decay)
         self.a_bar = all_reduce_mean(a.mean((0, 1)))  # [groups, d_in]
@@ -156,17 +163,16 @@ class KronBfgs(Representation):
         self.A_inv = bfgs_inverse_update(self.A_inv, s, y)
 
     def precondition(self, damping: float) -> None:
-        grads = self.grads()
-        mat = kron_grad_matrix(self.module, grads["weight"], grads.get("bias"))
-        kron_set_grad(self.module, self.H @ mat @ self.A_inv)
+        self.grads()  # raises naming the parameter when one has no gradient
+        kron_sandwich_grad(self.module, self.H, self.A_inv, self.bias)
 
 
 class KbfgsGradients(CurvatureGradients):
     """K-BFGS maker: :class:`CurvatureGradients` plus the secant pass on the previous curvature batch."""
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, *, fisher_type: str = "emp", a_inverse: str = "cholesky",
-                 **config: Any) -> None:
-        reps = {t: functools.partial(KronBfgs, a_inverse=a_inverse) for t in KRON_TYPES}
+                 bias: str = "augment", **config: Any) -> None:
+        reps = {t: functools.partial(KronBfgs, a_inverse=a_inverse, bias=bias) for t in KRON_TYPES}
         reps[nn.Embedding] = KronEmbedding
         reps.update({t: UnitWise for t in NORM_TYPES})
         super().__init__(model, loss_fn, method="kbfgs", reps=reps, fisher_type=fisher_type, **config)

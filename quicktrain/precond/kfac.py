@@ -31,6 +31,7 @@ from quicktrain.precond.stats import (
     all_gather_rows,
     all_reduce_mean,
     kron_grad_matrix,
+    kron_sandwich_grad,
     kron_set_grad,
 )
 
@@ -75,15 +76,8 @@ class KronFactored(Representation):
         self.G_inv = inv(self.G, lam_g)
 
     def precondition(self, damping: float) -> None:
-        g = self.grads()
-        if self.separate:  # bias: ((1 + 0) ⊗ G)^{-1} b, i.e. its A-factor is the constant input 1
-            b = self.module.bias
-            b.grad = (self.G_inv @ g["bias"].reshape(self.G_inv.shape[0], -1, 1)).reshape(b.shape)
-            self.module.weight.grad = (self.G_inv @ kron_grad_matrix(self.module, g["weight"], None) @ self.A_inv
-                                       ).reshape(self.module.weight.shape)
-            return
-        mat = kron_grad_matrix(self.module, g["weight"], g.get("bias"))
-        kron_set_grad(self.module, self.G_inv @ mat @ self.A_inv)
+        self.grads()  # raises naming the parameter when one has no gradient
+        kron_sandwich_grad(self.module, self.G_inv, self.A_inv, "separate" if self.separate else "augment")
 
     def mvp(self, vecs: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.separate:

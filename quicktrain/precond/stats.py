@@ -38,6 +38,7 @@ __all__ = [
     "all_reduce_mean",
     "check_module",
     "kron_grad_matrix",
+    "kron_sandwich_grad",
     "kron_set_grad",
 ]
 
@@ -227,6 +228,37 @@ def kron_grad_matrix(module: nn.Module, weight: Tensor, bias: Tensor | None) -> 
     if bias is not None:
         w = torch.cat([w, bias.reshape(groups, -1, 1)], dim=-1)
     return w
+
+
+def kron_sandwich_grad(module: nn.Module, left: Tensor, right: Tensor, bias: str = "augment") -> None:
+    """Replace the gradient of a Linear/Conv2d by its Kronecker-preconditioned version (per group).
+
+    ``bias="augment"``: ``right`` is ``[d+1, d+1]`` over the input with a constant 1 appended and
+    ``[∇W, ∇b] ← left [∇W, ∇b] right``, computed in blocks, ``[∇W R_ww + ∇b R_bw, ∇W R_wb + ∇b R_bb]``, so that
+    the gradient is not concatenated nor the result split and copied. ``bias="separate"`` (or no bias):
+    ``∇W ← left ∇W right`` and ``∇b ← left ∇b`` (the bias's input factor is the constant 1).
+
+    Args:
+        module: the layer, with ``weight.grad`` (and ``bias.grad``) set.
+        left: ``[groups, d_out, d_out]``.
+        right: ``[groups, d_in(+1), d_in(+1)]``.
+        bias: ``augment`` or ``separate``.
+    """
+    w = module.weight
+    wg = kron_grad_matrix(module, w.grad, None)  # [groups, d_out, d]: a view
+    if wg.shape[0] == 1:  # one group: 2-D products, faster than batched ones on CPU
+        left, right, wg = left[0], right[0], wg[0]
+    bg = None if module.bias is None else module.bias.grad.reshape(*wg.shape[:-1], 1)
+    d = wg.shape[-1]
+    if bg is None or bias == "separate":
+        w.grad = (left @ wg @ right).reshape(w.shape)
+        if bg is not None:
+            module.bias.grad = (left @ bg).reshape(module.bias.shape)
+        return
+    mid_w = wg @ right[..., :d, :d] + bg @ right[..., d:, :d]
+    mid_b = wg @ right[..., :d, d:] + bg * right[..., d:, d:]
+    w.grad = (left @ mid_w).reshape(w.shape)
+    module.bias.grad = (left @ mid_b).reshape(module.bias.shape)
 
 
 def kron_set_grad(module: nn.Module, mat: Tensor) -> None:

@@ -92,3 +92,29 @@ def test_kfac_factors_match_loops():
     rg = sum(torch.outer(g[n, j, 0], g[n, j, 0]) for n in range(6) for j in range(2)) / 2
     torch.testing.assert_close(fa[0], ra)
     torch.testing.assert_close(fg[0], rg)
+
+
+def test_kron_sandwich_grad_equals_the_product_with_the_concatenated_gradient():
+    from torch import nn
+
+    from quicktrain.precond.stats import kron_grad_matrix, kron_sandwich_grad
+
+    torch.manual_seed(0)
+    for layer in (nn.Linear(5, 3), nn.Conv2d(4, 6, 3, groups=2), nn.Linear(5, 3, bias=False)):
+        layer = layer.double()
+        for p in layer.parameters():
+            p.grad = torch.randn_like(p)
+        groups = getattr(layer, "groups", 1)
+        mat = kron_grad_matrix(layer, layer.weight.grad, layer.bias.grad if layer.bias is not None else None)
+        left, right = _spd(mat.shape[1], (groups,)), _spd(mat.shape[2], (groups,))
+        expected = left @ mat @ right
+        kron_sandwich_grad(layer, left, right)
+        out = kron_grad_matrix(layer, layer.weight.grad, layer.bias.grad if layer.bias is not None else None)
+        torch.testing.assert_close(out, expected)
+        if layer.bias is not None:  # separate: the weight block of right only, the bias by left alone
+            d = right.shape[-1] - 1
+            w, b = expected[..., :-1].clone(), expected[..., -1:].clone()
+            layer.weight.grad, layer.bias.grad = w.reshape(layer.weight.shape), b.reshape(layer.bias.shape)
+            kron_sandwich_grad(layer, left, right[:, :d, :d], "separate")
+            torch.testing.assert_close(kron_grad_matrix(layer, layer.weight.grad, layer.bias.grad),
+                                       torch.cat([left @ w @ right[:, :d, :d], left @ b], dim=-1))

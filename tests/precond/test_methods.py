@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from quicktrain import precond
-from quicktrain.precond.kbfgs import damped_bfgs_update
+from quicktrain.precond.kbfgs import bfgs_inverse_update, damped_bfgs_update
 from quicktrain.precond.psgd import psgd_kron_update
 from quicktrain.train.hooks import AutogradGradients
 
@@ -193,6 +193,14 @@ def test_damped_bfgs_update_satisfies_the_secant_equation_and_stays_positive_def
     bad = damped_bfgs_update(h, s, -y, 0.0)  # negative curvature pair: Powell damping keeps H PD
     assert torch.linalg.eigvalsh(bad[0]).min() > 0
     torch.testing.assert_close(damped_bfgs_update(h, 0 * s, 0 * y, 0.1), h)  # no movement: no update
+    spd = torch.randn(2, 4, 4, dtype=torch.float64)
+    spd = spd @ spd.transpose(1, 2) + torch.eye(4, dtype=torch.float64)
+    s2, y2 = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    y2 = y2 * torch.sign((s2 * y2).sum(-1, keepdim=True))  # sᵀy > 0
+    rho = 1 / (s2 * y2).sum(-1)
+    left = torch.eye(4, dtype=torch.float64) - rho[:, None, None] * s2[:, :, None] * y2[:, None, :]
+    product_form = left @ spd @ left.transpose(1, 2) + rho[:, None, None] * s2[:, :, None] * s2[:, None, :]
+    torch.testing.assert_close(bfgs_inverse_update(spd, s2, y2), product_form)
 
 
 def test_kbfgs_bfgs_inverse_of_a_satisfies_the_secant_equation_along_the_mean_input(zoo):
