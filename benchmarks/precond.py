@@ -310,7 +310,7 @@ def part2(device: torch.device, batch: int, steps: int, intervals: list[int]) ->
         (
             "K-BFGS",
             "mlp",
-            ("kbfgs", {"ema_decay": 0.0, "a_inverse": "bfgs"}),
+            ("kbfgs", {"ema_decay": 0.0, "a_inverse": "bfgs", "bias": "separate"}),
             (asdl.KronBfgsGradientMaker, {}, {"ema_decay": 1.0}),
             "time",
         ),
