@@ -107,9 +107,10 @@ def _check_damping(damping: float | Tensor) -> None:
 
 
 def _plus_diagonal(m: Tensor, damping: float | Tensor) -> Tensor:
-    """``M + λI`` as a new tensor (``λ`` a float or a tensor broadcasting against ``[..., 1, 1]``)."""
-    out = m.clone()
-    lam = damping.to(m.dtype).squeeze(-1) if isinstance(damping, Tensor) and damping.dim() >= 2 else damping
+    """``M + λI`` as a new tensor (``λ`` a float or a tensor broadcasting against ``[..., 1, 1]``), in float32 at
+    least (16-bit statistics under autocast have no Cholesky)."""
+    out = m.float() if m.element_size() < 4 else m.clone()
+    lam = damping.to(out.dtype).squeeze(-1) if isinstance(damping, Tensor) and damping.dim() >= 2 else damping
     out.diagonal(dim1=-2, dim2=-1).add_(lam)
     return out
 
@@ -150,8 +151,8 @@ def damped_cholesky_inverse(m: Tensor, damping: float | Tensor) -> Tensor:
     bad = info != 0
     if bool(bad.any()):
         s, u = _clamped_eigh(damped.reshape(-1, *m.shape[-2:]), _flat_damping(damping, m), bad.reshape(-1))
-        inv.reshape(-1, *m.shape[-2:])[bad.reshape(-1)] = ((u / s.unsqueeze(-2)) @ u.transpose(-1, -2)).to(m.dtype)
-    return inv
+        inv.reshape(-1, *m.shape[-2:])[bad.reshape(-1)] = ((u / s.unsqueeze(-2)) @ u.transpose(-1, -2)).to(inv.dtype)
+    return inv.to(m.dtype)
 
 
 def _flat_damping(damping: float | Tensor, m: Tensor) -> float | Tensor:
