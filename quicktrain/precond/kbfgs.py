@@ -50,7 +50,7 @@ def bfgs_inverse_update(h: Tensor, s: Tensor, y: Tensor) -> Tensor:
     """BFGS update of an inverse-curvature matrix (batched over a leading group axis), in ``O(d²)``.
 
     .. math:: H \\leftarrow (I - \\rho s y^\\top) H (I - \\rho y s^\\top) + \\rho s s^\\top
-        = H + \\rho^2 (s^\\top y + y^\\top H y)\\, s s^\\top - \\rho\\,(H y s^\\top + s y^\\top H),
+        = H + \\rho (1 + \\rho\\, y^\\top H y)\\, s s^\\top - \\rho\\,(H y s^\\top + s y^\\top H),
         \\quad \\rho = 1/s^\\top y
 
     Args:
@@ -67,7 +67,7 @@ def bfgs_inverse_update(h: Tensor, s: Tensor, y: Tensor) -> Tensor:
     rho = torch.where(ok, 1.0 / torch.where(ok, sy, torch.ones_like(sy)), torch.zeros_like(sy))  # [groups, 1]
     hy = (h @ y.unsqueeze(-1)).squeeze(-1)
     yhy = (y * hy).sum(-1, keepdim=True)
-    u = 0.5 * rho.square() * (sy + yhy) * s - rho * hy  # the update is s uᵀ + u sᵀ
+    u = 0.5 * rho * (1 + rho * yhy) * s - rho * hy  # the update is s uᵀ + u sᵀ; no ρ² (it overflows for tiny pairs)
     cross = s.unsqueeze(-1) * u.unsqueeze(-2)
     return h + cross + cross.transpose(-1, -2)
 

@@ -201,6 +201,11 @@ def test_damped_bfgs_update_satisfies_the_secant_equation_and_stays_positive_def
     left = torch.eye(4, dtype=torch.float64) - rho[:, None, None] * s2[:, :, None] * y2[:, None, :]
     product_form = left @ spd @ left.transpose(1, 2) + rho[:, None, None] * s2[:, :, None] * s2[:, None, :]
     torch.testing.assert_close(bfgs_inverse_update(spd, s2, y2), product_form)
+    # a layer followed by BatchNorm: the batch-mean output gradient is ~0, so y is round-off (~1e-11) and the
+    # Powell-damped pair is tiny; the float32 update must stay finite and positive definite (ρ ~ 1e22)
+    h32 = spd[0].float()[None]
+    tiny = damped_bfgs_update(h32, 1e-3 * s2[:1].float(), 1e-11 * y2[:1].float() * -1, 0.03)
+    assert bool(torch.isfinite(tiny).all()) and torch.linalg.eigvalsh(tiny[0].double()).min() > 0
 
 
 def test_kbfgs_bfgs_inverse_of_a_satisfies_the_secant_equation_along_the_mean_input(zoo):
