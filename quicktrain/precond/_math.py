@@ -74,13 +74,12 @@ def kron_per_example(a: Tensor, g: Tensor) -> Tensor:
 
 
 def _gram(t: Tensor) -> Tensor:
-    """``Σ_{n,l} t_{nlg} t_{nlg}^T`` per group as one (batched) matrix product."""
-    groups = t.shape[2]
-    if groups == 1:
+    """``Σ_{n,l} t_{nlg} t_{nlg}^T`` per group: one matrix product for one group; for several, one product per
+    example and group summed over examples (no copy when positions are innermost, as for depthwise patches)."""
+    if t.shape[2] == 1:
         flat = t.reshape(-1, t.shape[-1])
         return (flat.T @ flat).unsqueeze(0)
-    flat = t.permute(2, 0, 1, 3).reshape(groups, -1, t.shape[-1])
-    return flat.transpose(1, 2) @ flat
+    return torch.einsum("nlgi,nlgj->ngij", t, t).sum(0)
 
 
 def kron_matmul(a_mat: Tensor, g_mat: Tensor, v: Tensor) -> Tensor:

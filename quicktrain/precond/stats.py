@@ -178,8 +178,11 @@ def _conv_patches(module: nn.Conv2d, x: Tensor, ones: bool) -> Tensor:
     """Patches of a conv input as ``[N, L, groups, Cin/groups*kh*kw (+1)]``: the columns the conv multiplies by
     its weight, in the weight's (channel, kh, kw) order, with a trailing 1 per group when ``ones``.
 
-    Built from strided ``Tensor.unfold`` views and a single copy into the result (faster than ``F.unfold`` on
-    CPU, and the bias column costs no second copy).
+    Built from strided ``Tensor.unfold`` views and a single copy (faster than ``F.unfold`` on CPU). One group,
+    or a bias: copied into that layout (the bias column costs no second copy). Several groups without bias
+    (depthwise convolutions): copied in im2col order ``[N, C, kh, kw, L]`` and returned as a view, so that
+    positions stay innermost and the per-example, per-group products of
+    :func:`~quicktrain.precond._math.kfac_factors` need no transposing copy.
     """
     padding = module.padding
     if isinstance(padding, str):
@@ -194,6 +197,9 @@ def _conv_patches(module: nn.Conv2d, x: Tensor, ones: bool) -> Tensor:
     n, c, ho, wo = x.shape[:4]
     groups = module.groups
     d = c // groups * kh * kw
+    if groups > 1 and not ones:
+        cols = x.permute(0, 1, 4, 5, 2, 3).contiguous()  # n, c, kh, kw, h_out, w_out
+        return cols.view(n, groups, d, ho * wo).permute(0, 3, 1, 2)
     out = x.new_empty(n, ho * wo, groups, d + ones)
     dst = out.view(n, ho, wo, groups, d + ones)[..., :d].unflatten(-1, (c // groups, kh, kw))
     dst.copy_(x.permute(0, 2, 3, 1, 4, 5).unflatten(3, (groups, c // groups)))

@@ -121,8 +121,35 @@ def test_kfac_update_equals_dense_kronecker_solve():
             torch.testing.assert_close(torch.cat([m.weight.grad, m.bias.grad[:, None]], 1), ref)
 
 
-def test_conv_kronecker_factors_equal_explicit_patches_and_output_gradients():
-    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2).double()
+@pytest.mark.parametrize("conv", [
+    dict(kernel_size=3, stride=2, padding=1, dilation=2, groups=1),
+    dict(kernel_size=3, stride=1, padding="same", dilation=2, groups=4),
+    dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 0), dilation=1, groups=4),
+    dict(kernel_size=3, stride=1, padding=0, dilation=(2, 1), groups=2),
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_patches_equal_unfold_for_any_stride_dilation_padding_and_groups(conv, bias):
+    from quicktrain.precond.stats import _kron_input
+
+    layer = nn.Conv2d(4, 8, bias=bias, **conv).double()
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    padding = 2 if conv["padding"] == "same" else conv["padding"]  # dilation 2, kernel 3: 2 on each side
+    cols = F.unfold(x, layer.kernel_size, layer.dilation, padding, layer.stride)  # [N, C*kh*kw, L]
+    g = layer.groups
+    ref = cols.view(2, g, -1, cols.shape[-1]).permute(0, 3, 1, 2)
+    if bias:
+        ref = torch.cat([ref, torch.ones(*ref.shape[:-1], 1, dtype=torch.float64)], dim=-1)
+    torch.testing.assert_close(_kron_input(layer, x), ref)
+    out = layer(x)  # the patches reproduce the convolution
+    w = layer.weight.reshape(g, layer.out_channels // g, -1)
+    if bias:
+        w = torch.cat([w, layer.bias.reshape(g, -1, 1)], dim=-1)
+    torch.testing.assert_close(torch.einsum("nlgi,goi->ngol", ref, w).reshape(out.shape), out)
+
+
+@pytest.mark.parametrize("bias", [True, False])  # without bias, grouped patches take the im2col layout
+def test_conv_kronecker_factors_equal_explicit_patches_and_output_gradients(bias):
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=bias).double()
     model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(6 * 3 * 3, 3)).double()
     x, y = torch.randn(3, 4, 5, 5, dtype=torch.float64), torch.randint(0, 3, (3,))
     maker, _ = _step("kfac", model, x, y, fisher_type="exact")
@@ -131,7 +158,7 @@ def test_conv_kronecker_factors_equal_explicit_patches_and_output_gradients():
     xp = F.pad(x, (1, 1, 1, 1))
     for grp in range(2):
         rows = [torch.cat([xp[n, 2 * grp:2 * grp + 2, 2 * i:2 * i + 3, 2 * j:2 * j + 3].reshape(-1),
-                           torch.ones(1, dtype=torch.float64)])
+                           torch.ones(int(bias), dtype=torch.float64)])
                 for n in range(3) for i in range(3) for j in range(3)]
         a = torch.stack(rows)
         torch.testing.assert_close(rep.A[grp], a.T @ a / 3)
