@@ -4,12 +4,12 @@
    (resnet20 and mobilenetv2_tiny on 3×32×32, an MLP on 1×28×28; batch 128), at update interval 1 and 10
    (``curvature_interval = inverse_interval``). Methods whose representation cannot hold a model (dense
    Fisher/Hessian of 10⁵+ parameters) are listed as n/a with the reason.
+2. Side by side with ASDL (``asdfghjkl`` 0.1a5, imported from ``benchmarks/.venv-asdl``) on identical
+   configurations: K-FAC, Shampoo, K-BFGS, natural gradient (full, layer-wise, unit-wise, diagonal) and
+   CurveBall. Same model copy, same batch, same damping; reports the max relative difference of the
+   preconditioned gradients at the first step and the per-step time of both (ASDL's failures are table rows).
 3. Time to accuracy on ``digits`` and ``fashion-mnist`` (``cnn``): SGD, AdamW, K-FAC, Shampoo and PSGD, each
    with a two-point learning-rate grid, through the training loop (``quicktrain report`` plots in the results).
-2. Side by side with ASDL (``asdfghjkl`` 0.1a5, imported from ``benchmarks/.venv-asdl``) on identical
-   configurations: K-FAC, Shampoo, K-BFGS and natural gradient (full, unit-wise, diagonal). Same model copy,
-   same batch, same damping; reports the max relative difference of the preconditioned gradients at the first
-   step and the per-step time of both.
 
 Install ASDL into the benchmark's own environment (not the project venv), once::
 
@@ -18,14 +18,18 @@ Install ASDL into the benchmark's own environment (not the project venv), once::
 Usage::
 
     .venv/bin/python benchmarks/precond.py --part 1 2 --device cuda                  # batch 128 everywhere
-    .venv/bin/python benchmarks/precond.py --part 2 1 --device cpu --cnn-batch 32 --steps 2   # ~25 min, 2 threads
+    .venv/bin/python benchmarks/precond.py --part 1 --device cpu --steps 3            # CPU, batch 128, ~30 min
+    .venv/bin/python benchmarks/precond.py --part 2 --device cpu --cnn-batch 32 --steps 7   # CPU, ~2 min
     .venv/bin/python benchmarks/precond.py --part 1 --quick                           # CPU smoke run
     .venv/bin/python benchmarks/precond.py --part 3 --device cpu                      # time to accuracy
 
-Timing: per method, update steps (curvature and inverse refreshed) are timed with interval 1 and plain steps
-with interval 10, each after one burn-in step; interval ``k`` costs ``(t_update + (k-1) t_plain) / k`` per step
-(see :func:`schedule_ms`). On CPU there is no peak-memory reading (``nan``); ``state_mb`` is the size of the
-maker's state (statistics and inverses) on every device.
+Timing: contenders on the same model and batch (a method and plain SGD in part 1, quicktrain and ASDL in part
+2) run their steps in turns, A B A B ..., so that other load on a shared machine hits them alike; each time is
+the median of individually timed steps after one burn-in step, on one CPU thread unless ``--threads`` says
+otherwise. Update steps (curvature and inverse refreshed) are timed with interval 1 and plain steps with
+interval 10; interval ``k`` costs ``(t_update + (k-1) t_plain) / k`` per step (see :func:`schedule_ms`). Peak
+memory is read on CUDA only (``nan`` on CPU), with only the measured maker alive; ``state_mb`` is the size of
+the maker's state (statistics and inverses) on every device.
 
 Prints Markdown tables; writes ``benchmarks/results/precond_step{tag}.csv`` and
 ``benchmarks/results/precond_asdl{tag}.csv``.

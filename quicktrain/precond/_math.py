@@ -30,6 +30,7 @@ __all__ = [
     "kron_matmul",
     "kron_per_example",
     "matrix_power",
+    "smw_factor",
     "smw_solve",
 ]
 
@@ -221,26 +222,44 @@ def matrix_power(m: Tensor, power: float, eps: float) -> Tensor:
     return out.to(m.dtype)
 
 
-def smw_solve(u: Tensor, v: Tensor, damping: float) -> Tensor:
+def smw_factor(u: Tensor, damping: float) -> Tensor:
+    """Lower Cholesky factor of ``λI_K + U Uᵀ`` (float64, ``K × K``), reused by :func:`smw_solve` for every
+    right-hand side until the rows ``U`` change.
+
+    Args:
+        u: ``[..., K, P]`` rows of the low-rank factor.
+        damping: ``λ > 0``.
+
+    Returns:
+        ``[..., K, K]`` lower triangular, float64.
+    """
+    _check_damping(damping)
+    gram = (u @ u.transpose(-1, -2)).double()
+    gram.diagonal(dim1=-2, dim2=-1).add_(damping)
+    return torch.linalg.cholesky(gram)
+
+
+def smw_solve(u: Tensor, v: Tensor, damping: float, factor: Tensor | None = None) -> Tensor:
     """Solve ``(U^T U + λI) x = v`` with the Sherman–Morrison–Woodbury identity (cheap when ``K < P``).
 
     .. math:: (\\lambda I + U^\\top U)^{-1} v = \\frac1\\lambda\\Big(v - U^\\top (\\lambda I_K + U U^\\top)^{-1}
         U v\\Big)
 
+    The two ``K × P`` products run in the dtype of ``v``; the ``K × K`` solve in float64.
+
     Args:
         u: ``[..., K, P]`` rows of the low-rank factor (e.g. per-example gradients, scaled).
         v: ``[..., P, M]`` right-hand sides.
         damping: ``λ > 0``.
+        factor: :func:`smw_factor` of ``u`` and ``damping`` (computed here when None).
 
     Returns:
         ``[..., P, M]`` in the dtype of ``v``.
     """
-    if damping <= 0:
-        raise ValueError(f"damping must be > 0 for an inverse, got {damping}")
-    u64, v64 = u.double(), v.double()
-    gram = u64 @ u64.transpose(-1, -2) + damping * torch.eye(u.shape[-2], dtype=torch.float64, device=u.device)
-    inner = torch.linalg.solve(gram, u64 @ v64)
-    return ((v64 - u64.transpose(-1, -2) @ inner) / damping).to(v.dtype)
+    factor = smw_factor(u, damping) if factor is None else factor
+    u = u.to(v.dtype)
+    inner = torch.cholesky_solve((u @ v).double(), factor).to(v.dtype)
+    return (v - u.transpose(-1, -2) @ inner) / damping
 
 
 def cg_solve(

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from quicktrain.precond._math import damped_cholesky, damped_cholesky_inverse, smw_solve
+from quicktrain.precond._math import damped_cholesky, damped_cholesky_inverse, smw_factor, smw_solve
 from quicktrain.precond.representation import Representation, ema
 from quicktrain.precond.stats import (
     KRON_TYPES,
@@ -159,11 +159,18 @@ def _dense_statistics(rows: Tensor, solver: str, F: Tensor | None, decay: float)
     return ema(F, all_reduce_mean(rows.T @ rows), decay), None
 
 
-def _dense_solve(g: Tensor, solver: str, U: Tensor | None, F_chol: Tensor | None, damping: float) -> Tensor:
+def _dense_factor(solver: str, F: Tensor | None, U: Tensor | None, damping: float) -> Tensor:
+    """The factor :func:`_dense_solve` reuses: the Cholesky factor of ``F + λI`` (``cholesky``, refreshed on
+    inverse steps) or of ``λI_K + U Uᵀ`` (``smw``, which must match the rows ``U``: refreshed whenever they
+    change)."""
+    return smw_factor(U, damping) if solver == "smw" else damped_cholesky(F, damping)
+
+
+def _dense_solve(g: Tensor, solver: str, U: Tensor | None, factor: Tensor, damping: float) -> Tensor:
     """``(F + λI)^{-1} g``: by Sherman–Morrison–Woodbury with ``F = U^T U`` or from the Cholesky factor."""
     if solver == "smw":
-        return smw_solve(U, g.unsqueeze(-1), damping).squeeze(-1)
-    return torch.cholesky_solve(g.unsqueeze(-1), F_chol).squeeze(-1)
+        return smw_solve(U, g.unsqueeze(-1), damping, factor).squeeze(-1)
+    return torch.cholesky_solve(g.unsqueeze(-1), factor).squeeze(-1)
 
 
 class LayerBlock(Representation):
@@ -178,7 +185,7 @@ class LayerBlock(Representation):
         max_dim: refuse dense blocks larger than this.
     """
 
-    _state = ("F", "F_chol", "U")
+    _state = ("F", "U", "factor")
 
     def __init__(self, name: str, module: nn.Module, solver: str = "cholesky", max_rows: int | None = None,
                  max_dim: int = 8192) -> None:
@@ -198,13 +205,17 @@ class LayerBlock(Representation):
         if self.solver == "smw":
             rows = _subsample(rows, self.max_rows, self.generator)
         self.F, self.U = _dense_statistics(rows, self.solver, self.F, decay)
+        if self.solver == "smw":
+            self.factor = None  # the SMW factor belongs to these rows: refreshed at the next solve
 
     def update_inverse(self, damping: float) -> None:
         if self.solver == "cholesky":
-            self.F_chol = damped_cholesky(self.F, damping)
+            self.factor = _dense_factor(self.solver, self.F, self.U, damping)
 
     def precondition(self, damping: float) -> None:
-        out = _dense_solve(_flat(self.grads(), self.names), self.solver, self.U, self.F_chol, damping)
+        if self.factor is None:
+            self.factor = _dense_factor(self.solver, self.F, self.U, damping)
+        out = _dense_solve(_flat(self.grads(), self.names), self.solver, self.U, self.factor, damping)
         _set_flat(self.params, self.names, out)
 
     def mvp(self, vecs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -237,34 +248,38 @@ class FullModel:
             raise ValueError(f"the model has {size} preconditioned parameters, too many for the dense Fisher "
                              f"(max_dim={max_dim}); use smw_ng or a layer-wise method")
         self.F: Tensor | None = None
-        self.F_chol: Tensor | None = None
         self.U: Tensor | None = None
+        self.factor: Tensor | None = None
 
     def update(self, batches: dict[str, LayerBatch], decay: float) -> None:
         pes = {m: b.per_example_grads() for m, b in batches.items()}
         rows = torch.cat([pes[m][n].reshape(pes[m][n].shape[0], -1) for m, n in self.keys], dim=1)
         self.F, self.U = _dense_statistics(rows, self.solver, self.F, decay)
+        if self.solver == "smw":
+            self.factor = None  # the SMW factor belongs to these rows: refreshed at the next solve
 
     def update_inverse(self, damping: float) -> None:
         if self.solver == "cholesky":
-            self.F_chol = damped_cholesky(self.F, damping)
+            self.factor = _dense_factor(self.solver, self.F, self.U, damping)
 
     def precondition(self, damping: float) -> None:
+        if self.factor is None:
+            self.factor = _dense_factor(self.solver, self.F, self.U, damping)
         params = [getattr(self.modules[m], n) for m, n in self.keys]
         for (m, n), p in zip(self.keys, params, strict=True):
             if p.grad is None:
                 raise RuntimeError(f"parameter {m}.{n} has no gradient; pass ignore_modules=[{m!r}]")
         g = torch.cat([p.grad.reshape(-1) for p in params])
-        out = _dense_solve(g, self.solver, self.U, self.F_chol, damping)
+        out = _dense_solve(g, self.solver, self.U, self.factor, damping)
         i = 0
         for p in params:
             p.grad = out[i:i + p.numel()].view_as(p).clone()
             i += p.numel()
 
     def state_dict(self) -> dict[str, Tensor | None]:
-        return {"F": self.F, "F_chol": self.F_chol, "U": self.U}
+        return {"F": self.F, "U": self.U, "factor": self.factor}
 
     def load_state_dict(self, state: dict[str, Tensor | None]) -> None:
         device = getattr(self.modules[self.keys[0][0]], self.keys[0][1]).device
-        for k in ("F", "F_chol", "U"):
+        for k in ("F", "U", "factor"):
             setattr(self, k, None if state[k] is None else state[k].to(device))

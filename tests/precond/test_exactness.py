@@ -88,6 +88,29 @@ def test_smw_ng_empirical_equals_dense_per_example_solve(ref):
                                                        pe.mean(0)))
 
 
+@pytest.mark.parametrize("method", ["smw_ng", "seng"])
+def test_smw_solves_with_the_current_rows_when_the_inverse_is_not_due(method, ref):
+    """SMW keeps the rows, not an inverse: a curvature step between inverse steps must solve with the new rows
+    (its cached factor belongs to them), and a plain step after it with the same rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    fn = nn.CrossEntropyLoss()
+    maker = precond.make(method, model, fn, damping=LAM, curvature_interval=2, inverse_interval=5)
+    for step in range(4):
+        x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+        if step % 2 == 0:
+            rows = ref.per_example_grads(model, fn, x, y)
+            blocks = _blocks(model, "layer") if method == "seng" else [torch.arange(rows.shape[1])]
+        model.zero_grad()
+        maker.forward_backward(x, y)
+        out = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        f = rows.T @ rows / 4
+        torch.testing.assert_close(out, _block_solve(f, ref.grad(model, fn, x, y), blocks))
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+
+
 @pytest.mark.parametrize("layer", [0, 2])
 def test_kfac_equals_exact_fisher_block_of_linear_layer_for_one_example(layer, ref):
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
