@@ -100,8 +100,7 @@ class CurveBallGradients(GraphMaker):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        z = state["z"]
-        self.z = None if z is None else z.to(next(iter(self.params.values())).device)
+        self.z = self._on_device(state["z"])
 
 
 @register("curveball")

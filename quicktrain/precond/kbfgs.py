@@ -39,6 +39,7 @@ from quicktrain.precond.stats import (
     LayerBatch,
     LayerCapture,
     all_reduce_mean,
+    kron_output,
     kron_sandwich_grad,
 )
 from quicktrain.train.hooks import unwrap
@@ -95,17 +96,9 @@ def damped_bfgs_update(h: Tensor, s: Tensor, y: Tensor, mu: float) -> Tensor:
 
 def _means(batch: LayerBatch) -> tuple[Tensor, Tensor]:
     """Batch-and-position means of the layer output ``h̄`` and of the per-example output gradient ``ḡ``."""
-    m = batch.module
-    hs = [o for o in batch.outputs]
-    h = torch.cat([_kron_out(m, o) for o in hs], dim=1).mean((0, 1))
+    h = torch.cat([kron_output(batch.module, o) for o in batch.outputs], dim=1).mean((0, 1))
     g = batch.kron_grads()  # gradients of the mean loss: N·g is the per-example gradient
     return h, g.mean(1).sum(0)
-
-
-def _kron_out(module: nn.Module, out: Tensor) -> Tensor:
-    from quicktrain.precond.stats import _kron_grad
-
-    return _kron_grad(module, out)
 
 
 class KronBfgs(Representation):

@@ -74,6 +74,10 @@ class GraphMaker:
         _check_method(state, self.method)
         self.step = int(state["step"])
 
+    def _on_device(self, t: Tensor | None) -> Tensor | None:
+        """A saved tensor moved to the parameters' device (None stays None)."""
+        return None if t is None else t.to(next(iter(self.params.values())).device)
+
 
 class NewtonGradients(GraphMaker):
     """Damped (saddle-free) Newton with the exact Hessian; refuses models over ``max_params``."""
@@ -124,9 +128,8 @@ class NewtonGradients(GraphMaker):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        dev = next(iter(self.params.values())).device
         for k in ("H", "eig_s", "eig_u"):
-            setattr(self, k, None if state[k] is None else state[k].to(dev))
+            setattr(self, k, self._on_device(state[k]))
 
 
 class NewtonCGGradients(GraphMaker):
@@ -183,8 +186,7 @@ class NewtonCGGradients(GraphMaker):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        prev = state.get("previous")
-        self.previous = None if prev is None else prev.to(next(iter(self.params.values())).device)
+        self.previous = self._on_device(state.get("previous"))
 
 
 @register("newton")

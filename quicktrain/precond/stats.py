@@ -38,6 +38,7 @@ __all__ = [
     "all_reduce_mean",
     "check_module",
     "kron_grad_matrix",
+    "kron_output",
     "kron_sandwich_grad",
     "kron_set_grad",
 ]
@@ -217,14 +218,14 @@ def _kron_input(module: nn.Module, x: Tensor, with_bias: bool = True) -> Tensor:
     return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1) if ones else a
 
 
-def _kron_grad(module: nn.Module, g: Tensor) -> Tensor:
-    """Output gradient as ``[N, L, groups, d_out]``."""
+def kron_output(module: nn.Module, t: Tensor) -> Tensor:
+    """An output-shaped tensor of a Linear/Conv2d (the output or its gradient) as ``[N, L, groups, d_out]``."""
     if isinstance(module, nn.Linear):
-        return g.reshape(g.shape[0], -1, 1, g.shape[-1])
-    if g.dim() == 3:
-        g = g.unsqueeze(0)
-    n, c = g.shape[:2]
-    return g.reshape(n, module.groups, c // module.groups, -1).permute(0, 3, 1, 2)
+        return t.reshape(t.shape[0], -1, 1, t.shape[-1])
+    if t.dim() == 3:
+        t = t.unsqueeze(0)
+    n, c = t.shape[:2]
+    return t.reshape(n, module.groups, c // module.groups, -1).permute(0, 3, 1, 2)
 
 
 def kron_grad_matrix(module: nn.Module, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -324,7 +325,7 @@ class LayerBatch:
 
     def kron_grads(self) -> Tensor:
         """``[K*N, L, groups, d_out]``."""
-        return _cat([_cat([_kron_grad(self.module, g) for g in gs], 0) for gs in self.grads], 1)
+        return _cat([_cat([kron_output(self.module, g) for g in gs], 0) for gs in self.grads], 1)
 
     def kron_per_example(self) -> Tensor:
         """Per-example gradients of a Linear/Conv2d as matrices ``[K*N, groups, d_out, d_in(+1)]`` (see
