@@ -28,8 +28,10 @@ Timing: contenders on the same model and batch (a method and plain SGD in part 1
 the median of individually timed steps after one burn-in step, on one CPU thread unless ``--threads`` says
 otherwise. Update steps (curvature and inverse refreshed) are timed with interval 1 and plain steps with
 interval 10; interval ``k`` costs ``(t_update + (k-1) t_plain) / k`` per step (see :func:`schedule_ms`). Peak
-memory is read on CUDA only (``nan`` on CPU), with only the measured maker alive; ``state_mb`` is the size of
-the maker's state (statistics and inverses) on every device.
+memory counts everything alive during an update step: on CUDA the peak allocated with only the measured maker
+alive, on CPU the peak resident size of a first update step in a fresh process (model, batch, state,
+activations and temporaries, above the process after import; Linux only). ``state_mb`` is the size of the
+maker's state (statistics and inverses).
 
 Prints Markdown tables; writes ``benchmarks/results/precond_step{tag}.csv`` and
 ``benchmarks/results/precond_asdl{tag}.csv``.
@@ -41,6 +43,7 @@ import argparse
 import copy
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -126,15 +129,47 @@ def schedule_ms(make_steps, device: torch.device, intervals: list[int], steps: i
 
 
 def peak_mb(step, device: torch.device) -> float:
-    """Peak MB allocated during one step after a burn-in step (CUDA; nan on CPU)."""
-    if device.type != "cuda":
-        return float("nan")
+    """Peak MB allocated during one step after a burn-in step, counting everything alive (CUDA)."""
     step()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     step()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _proc_mb(field: str) -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field + ":"))) / 1024
+
+
+def _cpu_peak_main(mname: str, method: str, batch: int) -> float:
+    """Body of :func:`cpu_peak_mb` (runs in a fresh process)."""
+    torch.set_num_threads(1)
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident size (VmHWM) to the current one
+    base = _proc_mb("VmRSS")
+    shape = MODELS[mname]
+    x, y = _data(shape, batch, torch.device("cpu"))
+    model = get_model(mname, num_classes=10, in_shape=shape)
+    maker = precond.make(method, model, nn.CrossEntropyLoss(), damping=1e-3)
+    _maker_step(maker, model, x, y)()
+    return _proc_mb("VmHWM") - base
+
+
+def cpu_peak_mb(mname: str, method: str, batch: int) -> float:
+    """Peak resident MB of a first update step (model, batch, the maker's state, activations, temporaries) above
+    the process right after import, in a fresh process (Linux: ``VmHWM`` reset through ``clear_refs``)."""
+    code = (
+        "import importlib.util, sys; spec = importlib.util.spec_from_file_location('bench_precond', sys.argv[1]); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+        "print('@@', m._cpu_peak_main(sys.argv[2], sys.argv[3], int(sys.argv[4])))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, __file__, mname, method, str(batch)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"memory probe of {method} on {mname} failed:\n{done.stderr[-2000:]}")
+    return float(done.stdout.split("@@")[-1])
 
 
 def state_mb(maker) -> float:
@@ -202,7 +237,10 @@ def part1(
                 maker, model = made[name]
                 smb, note = state_mb(maker), ""
                 made.clear()  # peak memory is read with only this method's model and state alive
-                peak = peak_mb(_maker_step(maker, model, x, y), device)
+                if device.type == "cuda":
+                    peak = peak_mb(_maker_step(maker, model, x, y), device)
+                else:
+                    peak = cpu_peak_mb(mname, name, b)
                 if name == "sgd":
                     sgd_peak = peak
             except Exception as e:  # noqa: BLE001 - e.g. a representation that cannot hold this model
