@@ -71,6 +71,37 @@ def test_every_method_gives_finite_gradients_to_every_parameter(name, kind, zoo)
     assert changed == (name != "sgd")
 
 
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EXACT_FISHER = {"kfac", "ekfac", "skfac", "full_ng", "smw_ng", "layerwise_ng", "seng", "unitwise_ng", "diag_ng",
+                "kbfgs"}
+
+
+@pytest.mark.parametrize("kind", ["cnn", "emb"])
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_on_the_default_device_matches_cpu_in_float64(name, kind, zoo):
+    """On a CUDA machine this checks the GPU path against the CPU (three steps, float64; the exact Fisher, so
+    that nothing is sampled); elsewhere it checks that two CPU runs agree. PSGD draws its probe vectors from
+    the device's generator, so on another device it is checked for finite gradients there only."""
+    config = {**_config(name), **({"fisher_type": "exact"} if name in EXACT_FISHER else {})}
+    batches = [zoo.batch(kind, 6) for _ in range(3)]
+    runs = []
+    for device in ("cpu", DEFAULT_DEVICE):
+        torch.manual_seed(0)
+        model = zoo.models[kind]().double().to(device)
+        maker = precond.make(name, model, nn.CrossEntropyLoss(), **config)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for x, y in batches:
+            opt.zero_grad()
+            maker.forward_backward(x.to(device), y.to(device))
+            opt.step()
+        grads = [p.grad for p in model.parameters()]
+        assert {g.device.type for g in grads} == {device} and all(bool(torch.isfinite(g).all()) for g in grads)
+        runs.append([g.cpu() for g in grads])
+    if name != "psgd" or DEFAULT_DEVICE == "cpu":
+        for a, b in zip(*runs, strict=True):
+            torch.testing.assert_close(b, a)
+
+
 @pytest.mark.parametrize("kind", ["cnn", "emb"])
 @pytest.mark.parametrize("name", METHODS)
 def test_state_dict_round_trip_resumes_to_identical_updates(name, kind, zoo):
