@@ -23,7 +23,6 @@ from quicktrain.precond._math import (
     damped_eigh_inverse,
     kfac_factors,
     kron_damping,
-    smw_factor,
     smw_solve,
 )
 from quicktrain.precond.representation import Representation, ema, require_finite
@@ -145,7 +144,7 @@ class SmwKronFactored(Representation):
         U_A V\\big)
     """
 
-    _state = ("UA", "UG", "UA_factor", "UG_factor")
+    _state = ("UA", "UG")
 
     def update(self, batch: LayerBatch, decay: float) -> None:
         a, g = batch.kron_inputs(), batch.kron_grads()
@@ -154,17 +153,15 @@ class SmwKronFactored(Representation):
         ug = g.mean(1) * math.sqrt(length)  # [K*N, groups, d_out]
         self.UA = all_gather_rows(ua).transpose(0, 1).contiguous()  # [groups, N, d_in]
         self.UG = all_gather_rows(ug).transpose(0, 1).contiguous()
-        self.UA_factor = self.UG_factor = None
 
     def update_inverse(self, damping: float) -> None:
-        """Nothing here: the SMW factors belong to the rows and are refreshed at the first solve after them."""
+        """Nothing to precompute: SMW solves against the rows at each step (their ``K × K`` Gram matrices per
+        group are cheap, and caching their factors would cost ``groups × K²`` per layer)."""
 
     def precondition(self, damping: float) -> None:
         grads = self.grads()
         mat = kron_grad_matrix(self.module, grads["weight"], grads.get("bias"))  # [g, o, i]
         lam = math.sqrt(damping)
-        if self.UA_factor is None:
-            self.UA_factor, self.UG_factor = smw_factor(self.UA, lam), smw_factor(self.UG, lam)
-        left = smw_solve(self.UG, mat, lam, self.UG_factor)
-        out = smw_solve(self.UA, left.transpose(-1, -2), lam, self.UA_factor).transpose(-1, -2)
+        left = smw_solve(self.UG, mat, lam)
+        out = smw_solve(self.UA, left.transpose(-1, -2), lam).transpose(-1, -2)
         kron_set_grad(self.module, require_finite(out, "SKFAC update", self.name, self.step))
