@@ -97,10 +97,6 @@ def kron_matmul(a_mat: Tensor, g_mat: Tensor, v: Tensor) -> Tensor:
     return g_mat @ v @ a_mat.transpose(-1, -2)
 
 
-def _eye_like(m: Tensor) -> Tensor:
-    return torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(m)
-
-
 def _check_damping(damping: float | Tensor) -> None:
     if not bool((torch.as_tensor(damping) > 0).all()):
         raise ValueError(f"damping must be > 0 for an inverse, got {damping}")
@@ -189,8 +185,7 @@ def damped_eigh_inverse(m: Tensor, damping: float | Tensor) -> Tensor:
     Returns:
         ``[..., d, d]`` in the dtype of ``m``.
     """
-    if not bool((torch.as_tensor(damping) > 0).all()):
-        raise ValueError(f"damping must be > 0 for an inverse, got {damping}")
+    _check_damping(damping)
     s, u = torch.linalg.eigh(_sym64(m))
     lam = damping.double().squeeze(-1) if isinstance(damping, Tensor) else damping  # [..., 1]
     inv = (u * (1.0 / (s.clamp_min(0.0) + lam)).unsqueeze(-2)) @ u.transpose(-1, -2)

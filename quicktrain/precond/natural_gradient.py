@@ -148,32 +148,41 @@ def _subsample(rows: Tensor, max_rows: int | None, generator: torch.Generator | 
     return rows[idx] * math.sqrt(rows.shape[0] / max_rows)
 
 
-def _dense_statistics(rows: Tensor, solver: str, F: Tensor | None, decay: float) -> tuple[Tensor | None, Tensor | None]:
-    """``(F, U)`` after one batch of per-example gradient ``rows`` ``[N, D]``.
+class _DenseFisher:
+    """The dense Fisher :class:`LayerBlock` and :class:`FullModel` share, kept for one of two solvers.
 
-    ``smw`` keeps the rows of this batch (gathered over ranks), ``U = rows``; ``cholesky`` keeps the moving
-    average of the empirical Fisher ``F ← ema(F, rows^T rows)`` (averaged over ranks).
+    ``cholesky`` keeps the moving average of the empirical Fisher ``F ← ema(F, rowsᵀ rows)`` (averaged over
+    ranks) and the Cholesky factor of ``F + λI``, refreshed on inverse steps. ``smw`` keeps the rows of the
+    latest batch (gathered over ranks), ``F = UᵀU``, and the factor of ``λI_K + U Uᵀ``, which belongs to those
+    rows: it is refreshed at the first solve after them, whatever the inverse interval.
     """
-    if solver == "smw":
-        return F, all_gather_rows(rows)
-    return ema(F, all_reduce_mean(rows.T @ rows), decay), None
+
+    solver: str
+    F: Tensor | None
+    U: Tensor | None
+    factor: Tensor | None
+
+    def _update_rows(self, rows: Tensor, decay: float) -> None:
+        """New statistics from one batch of per-example gradient ``rows`` ``[N, D]``."""
+        if self.solver == "smw":
+            self.U, self.factor = all_gather_rows(rows), None
+        else:
+            self.F = ema(self.F, all_reduce_mean(rows.T @ rows), decay)
+
+    def update_inverse(self, damping: float) -> None:
+        if self.solver == "cholesky":
+            self.factor = damped_cholesky(self.F, damping)
+
+    def _solve(self, g: Tensor, damping: float) -> Tensor:
+        """``(F + λI)^{-1} g``: by Sherman–Morrison–Woodbury with ``F = UᵀU`` or from the Cholesky factor."""
+        if self.solver == "smw":
+            if self.factor is None:
+                self.factor = smw_factor(self.U, damping)
+            return smw_solve(self.U, g.unsqueeze(-1), damping, self.factor).squeeze(-1)
+        return torch.cholesky_solve(g.unsqueeze(-1), self.factor).squeeze(-1)
 
 
-def _dense_factor(solver: str, F: Tensor | None, U: Tensor | None, damping: float) -> Tensor:
-    """The factor :func:`_dense_solve` reuses: the Cholesky factor of ``F + λI`` (``cholesky``, refreshed on
-    inverse steps) or of ``λI_K + U Uᵀ`` (``smw``, which must match the rows ``U``: refreshed whenever they
-    change)."""
-    return smw_factor(U, damping) if solver == "smw" else damped_cholesky(F, damping)
-
-
-def _dense_solve(g: Tensor, solver: str, U: Tensor | None, factor: Tensor, damping: float) -> Tensor:
-    """``(F + λI)^{-1} g``: by Sherman–Morrison–Woodbury with ``F = U^T U`` or from the Cholesky factor."""
-    if solver == "smw":
-        return smw_solve(U, g.unsqueeze(-1), damping, factor).squeeze(-1)
-    return torch.cholesky_solve(g.unsqueeze(-1), factor).squeeze(-1)
-
-
-class LayerBlock(Representation):
+class LayerBlock(_DenseFisher, Representation):
     """Dense Fisher block of all parameters of one module.
 
     Args:
@@ -204,18 +213,10 @@ class LayerBlock(Representation):
         rows = flat_rows(batch, self.names)
         if self.solver == "smw":
             rows = _subsample(rows, self.max_rows, self.generator)
-        self.F, self.U = _dense_statistics(rows, self.solver, self.F, decay)
-        if self.solver == "smw":
-            self.factor = None  # the SMW factor belongs to these rows: refreshed at the next solve
-
-    def update_inverse(self, damping: float) -> None:
-        if self.solver == "cholesky":
-            self.factor = _dense_factor(self.solver, self.F, self.U, damping)
+        self._update_rows(rows, decay)
 
     def precondition(self, damping: float) -> None:
-        if self.factor is None:
-            self.factor = _dense_factor(self.solver, self.F, self.U, damping)
-        out = _dense_solve(_flat(self.grads(), self.names), self.solver, self.U, self.factor, damping)
+        out = self._solve(_flat(self.grads(), self.names), damping)
         _set_flat(self.params, self.names, out)
 
     def mvp(self, vecs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -228,7 +229,7 @@ class LayerBlock(Representation):
         return res
 
 
-class FullModel:
+class FullModel(_DenseFisher):
     """Dense Fisher of every preconditioned parameter of the model together (``full_ng``, ``smw_ng``).
 
     Args:
@@ -254,23 +255,15 @@ class FullModel:
     def update(self, batches: dict[str, LayerBatch], decay: float) -> None:
         pes = {m: b.per_example_grads() for m, b in batches.items()}
         rows = torch.cat([pes[m][n].reshape(pes[m][n].shape[0], -1) for m, n in self.keys], dim=1)
-        self.F, self.U = _dense_statistics(rows, self.solver, self.F, decay)
-        if self.solver == "smw":
-            self.factor = None  # the SMW factor belongs to these rows: refreshed at the next solve
-
-    def update_inverse(self, damping: float) -> None:
-        if self.solver == "cholesky":
-            self.factor = _dense_factor(self.solver, self.F, self.U, damping)
+        self._update_rows(rows, decay)
 
     def precondition(self, damping: float) -> None:
-        if self.factor is None:
-            self.factor = _dense_factor(self.solver, self.F, self.U, damping)
         params = [getattr(self.modules[m], n) for m, n in self.keys]
         for (m, n), p in zip(self.keys, params, strict=True):
             if p.grad is None:
                 raise RuntimeError(f"parameter {m}.{n} has no gradient; pass ignore_modules=[{m!r}]")
         g = torch.cat([p.grad.reshape(-1) for p in params])
-        out = _dense_solve(g, self.solver, self.U, self.factor, damping)
+        out = self._solve(g, damping)
         i = 0
         for p in params:
             p.grad = out[i:i + p.numel()].view_as(p).clone()
