@@ -52,13 +52,15 @@ SUMMARY_COLUMNS = (
 def run_ablation(
     base: TrainConfig, out: Path, seeds: Sequence[int], configs: dict[str, dict[str, Any]] = ABLATION
 ) -> dict[str, list[report.RunRecord]]:
-    """Train every configuration for every seed into ``out/NAME-sSEED``; return their records by name."""
+    """Train every configuration for every seed into ``out/NAME-sSEED`` (replacing a previous run there), one
+    progress line per run; return their records by name."""
     records: dict[str, list[report.RunRecord]] = {}
     for name, overrides in configs.items():
         for seed in seeds:
-            config = dataclasses.replace(base, seed=seed, out=str(out / f"{name}-s{seed}"), **overrides)
-            print(f"bench: {name} seed {seed}", flush=True)
-            fit(config, build_hooks(config))
+            config = dataclasses.replace(
+                base, seed=seed, out=str(out / f"{name}-s{seed}"), overwrite=True, **overrides
+            )
+            fit(config, build_hooks(config), one_line=f"{name} seed {seed}")
             records.setdefault(name, []).append(report.load_run(config.out))
     return records
 
@@ -131,7 +133,6 @@ def bench_all(
         max_steps_per_epoch=max_steps_per_epoch,
         batch_size=128,
         lr=2e-3,
-        progress=False,
     )
     records = run_ablation(base, out, seeds)
     rows = summary_rows(records, target)
@@ -145,7 +146,7 @@ def bench_all(
         downloads=[csv_path],
     )
     all_runs = [run for runs in records.values() for run in runs]
-    curves = report.runs_section(all_runs, out / "curves.png", title="every run")
+    curves = report.runs_section(all_runs, out / "curves.png", title="every run", target=target)
     sections = [ablation, curves, kron_section(out, quick=quick)]
     path = report.render_html(sections, out / "report.html", title="quicktrain bench all")
     print(f"bench all finished in {time.perf_counter() - start:.0f}s: {path} and {csv_path}")
@@ -157,11 +158,11 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks that write one HTML report")
     actions = bench.add_subparsers(dest="bench_action", required=True)
     every = actions.add_parser("all", help="ablation of every part on one dataset plus the kron sweep")
-    every.add_argument("--out", default="benchmarks/results/all")
-    every.add_argument("--dataset", default="fashion-mnist")
-    every.add_argument("--model", default="cnn")
-    every.add_argument("--epochs", type=int, default=3)
-    every.add_argument("--max-steps-per-epoch", type=int, default=None)
+    every.add_argument("--out", default="runs/bench-all", help="folder of the runs, report.html and summary.csv")
+    every.add_argument("--dataset", default="fashion-mnist", help="dataset of the ablation")
+    every.add_argument("--model", default="cnn", help="model of the ablation")
+    every.add_argument("--epochs", type=int, default=3, help="epochs of every run")
+    every.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap on the steps of each epoch")
     every.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 per configuration")
     every.add_argument("--target", type=float, default=0.85, help="test accuracy for the time-to-target column")
     every.add_argument("--quick", action="store_true", help="a smaller kron sweep")

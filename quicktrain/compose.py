@@ -16,10 +16,21 @@ def build_hooks(config: TrainConfig) -> Hooks:
     hooks = Hooks()
     if config.init is not None:
         hooks.init = _ghn_initializer(config)
+        source = config.init.split(":", 1)[1] if ":" in config.init else f"the shipped GHN for {config.dataset}"
+        noise = f", noise {config.ghn_noise:g}" if config.ghn_noise else ""
+        hooks.notes.append(f"init: parameters predicted by {source} (BatchNorm statistics re-estimated){noise}")
     if config.precond is not None:
         hooks.gradients = _precond_factory(config)
+        hooks.notes.append(
+            f"gradients: {config.precond} preconditioner, damping {config.damping:g}, curvature every "
+            f"{config.curvature_interval} and inverse every {config.inverse_interval} steps"
+        )
     if config.boost:
         hooks.transforms.append(_boost_transform(config))
+        hooks.notes.append(
+            f"transform: NetBooster giant of ratio {config.boost_ratio}, linearised from {config.plt_start:.0%} to "
+            f"{config.plt_end:.0%} of the steps, contracted back to {config.model} at the end"
+        )
     if config.consolidate is not None:  # after --precond: the EWC penalty's gradient is preconditioned too
         from . import precond
 
@@ -30,6 +41,10 @@ def build_hooks(config: TrainConfig) -> Hooks:
             model_name=config.model,
             dataset=config.dataset,
             base=hooks.gradients,
+        )
+        hooks.notes.append(
+            f"consolidate: continue from {config.consolidate} with an EWC penalty ({config.consolidate_curvature} "
+            f"curvature, strength {config.consolidate_strength:g})"
         )
     return hooks
 

@@ -53,7 +53,9 @@ def list_datasets() -> list[str]:
     return sorted(_DATASETS)
 
 
-def get_dataset(name: str, *, root: str | Path | None = None, download: bool = False, seed: int = 0) -> Splits:
+def get_dataset(
+    name: str, *, root: str | Path | None = None, download: bool = False, seed: int = 0, progress: bool = False
+) -> Splits:
     """Load dataset ``name`` with its fixed-seed splits.
 
     Args:
@@ -61,9 +63,13 @@ def get_dataset(name: str, *, root: str | Path | None = None, download: bool = F
         root: directory holding the dataset files, for datasets that are not bundled.
         download: let torchvision download ``mnist``/``cifar10``/``cifar100`` into ``root`` (explicit opt-in).
         seed: seed of the train/val split.
+        progress: show a progress bar while images are decoded (``folder:PATH``; the others load at once).
     """
     if name.startswith("folder:"):
-        return _DATASETS["folder"](root=name.removeprefix("folder:"), download=download, seed=seed)
+        path = name.removeprefix("folder:")
+        if not path:
+            raise ValueError("folder: needs a path, e.g. --dataset folder:data/pets (PATH/{train,test}/CLASS/*)")
+        return _DATASETS["folder"](root=path, download=download, seed=seed, progress=progress)
     if name not in _DATASETS or name == "folder":
         raise ValueError(f"Unknown dataset {name!r}; choose from {list_datasets()} (ImageFolder: 'folder:PATH')")
     return _DATASETS[name](root=root, download=download, seed=seed)
@@ -86,6 +92,8 @@ def standardize(*images: Tensor, mean: float, std: float) -> list[Tensor]:
 def parse_classes(spec: str) -> list[int]:
     """Class ids from a spec such as ``"0-4"``, ``"5,7,9"`` or ``"0-2,8"``."""
     classes: list[int] = []
+    if not spec.strip():
+        raise ValueError("--classes is empty; write e.g. '0-4' or '5,7,9', or leave it out for all classes")
     try:
         for part in spec.split(","):
             low, _, high = part.strip().partition("-")

@@ -1,4 +1,4 @@
-"""MNIST, CIFAR-10/100 and ``ImageFolder`` directories through torchvision, held in memory."""
+"""MNIST and CIFAR-10/100 through torchvision, held in memory."""
 
 from __future__ import annotations
 
@@ -18,10 +18,9 @@ STATS = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 VAL_SIZE = 5000
-FOLDER_IMAGE_SIZE = 32
 
 
-def _require_root(name: str, root: str | Path | None) -> Path:
+def require_root(name: str, root: str | Path | None) -> Path:
     if root is None:
         raise ValueError(
             f"dataset {name!r} is not bundled: pass --data-dir DIR with the torchvision files "
@@ -50,7 +49,7 @@ def _torchvision_split(name: str, cls: type, root: Path, train: bool, download: 
 def _make_torchvision_loader(name: str, cls: type, num_classes: int) -> None:
     @register_dataset(name)
     def load(*, root: str | Path | None = None, download: bool = False, seed: int = 0) -> Splits:
-        directory = _require_root(name, root)
+        directory = require_root(name, root)
         train_full = _torchvision_split(name, cls, directory, True, download)
         test = _torchvision_split(name, cls, directory, False, download)
         train, val = split_off(*train_full.tensors, VAL_SIZE, seed=seed)
@@ -63,49 +62,3 @@ _make_torchvision_loader("mnist", torchvision.datasets.MNIST, 10)
 _make_torchvision_loader("cifar10", torchvision.datasets.CIFAR10, 10)
 _make_torchvision_loader("cifar100", torchvision.datasets.CIFAR100, 100)
 
-
-@register_dataset("folder")
-def image_folder(*, root: str | Path | None = None, download: bool = False, seed: int = 0) -> Splits:
-    """An ``ImageFolder`` tree (``root/CLASS/*.png``), resized to 32x32 RGB and standardised per channel.
-
-    If ``root`` has ``train/`` and ``test/`` sub-folders they are used; otherwise 20% of the images are held
-    out as test. 10% of the training images (at least one) form the validation split.
-    """
-    if download:
-        raise ValueError("an ImageFolder dataset cannot be downloaded; drop --download")
-    directory = _require_root("folder", root)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"ImageFolder directory {directory} does not exist")
-    if (directory / "train").is_dir() and (directory / "test").is_dir():
-        train_images, train_labels, classes = _read_folder(directory / "train")
-        test_images, test_labels, _ = _read_folder(directory / "test")
-    else:
-        images, labels, classes = _read_folder(directory)
-        rest, test = split_off(images, labels, max(1, len(labels) // 5), seed=0)
-        (train_images, train_labels), (test_images, test_labels) = rest.tensors, test.tensors
-    mean = train_images.mean(dim=(0, 2, 3), keepdim=True)
-    std = train_images.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    train, val = split_off((train_images - mean) / std, train_labels, max(1, len(train_labels) // 10), seed)
-    test = TensorDataset((test_images - mean) / std, test_labels)
-    return Splits(f"folder:{directory}", train, val, test, num_classes=len(classes))
-
-
-def _read_folder(directory: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    transform = torchvision.transforms.Compose(
-        [
-            torchvision.transforms.Resize((FOLDER_IMAGE_SIZE, FOLDER_IMAGE_SIZE)),
-            torchvision.transforms.ToTensor(),
-        ]
-    )
-    folder = torchvision.datasets.ImageFolder(str(directory), transform=transform, loader=_rgb_loader)
-    if len(folder) == 0:
-        raise FileNotFoundError(f"no images found under {directory} (expected {directory}/CLASS/IMAGE files)")
-    images = torch.stack([image for image, _ in folder])
-    return images, torch.tensor(folder.targets).long(), folder.classes
-
-
-def _rgb_loader(path: str):
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.convert("RGB")

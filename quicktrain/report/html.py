@@ -98,14 +98,16 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "?"
 
 
-def runs_section(runs: Sequence[RunRecord], png_path: str | Path, title: str = "runs") -> Section:
-    """The standard comparison of runs: the :data:`COLUMNS` table and the curves of :func:`plot_runs` (drawn to
-    ``png_path``)."""
+def runs_section(
+    runs: Sequence[RunRecord], png_path: str | Path, title: str = "runs", *, target: float | None = None
+) -> Section:
+    """The standard comparison of runs: the :data:`COLUMNS` table (flagging runs that reached ``target`` but
+    ended below it) and the curves of :func:`plot_runs` (drawn to ``png_path``)."""
     if not runs:
         raise ValueError("runs_section needs at least one run")
     png = plot_runs(runs, png_path)
     text = f"{len(runs)} run(s). Curves: accuracy and loss against epochs (left) and wall time (right)."
-    return Section(title, text, tables=[(COLUMNS, run_rows(runs))], images=[png])
+    return Section(title, text, tables=[(COLUMNS, run_rows(runs, target))], images=[png])
 
 
 def write_csv(columns: Sequence[str], rows: Sequence[Sequence[str]], path: str | Path) -> Path:

@@ -26,7 +26,8 @@ class RunRecord:
 
 
 def load_run(directory: str | Path) -> RunRecord:
-    """Read ``directory/metrics.jsonl`` (and ``summary.json`` when present); raise if there are no epochs."""
+    """Read ``directory/metrics.jsonl`` and the run's configuration (from ``summary.json``, else the log's
+    ``config`` record); raise if there are no epochs."""
     directory = Path(directory)
     metrics = directory / "metrics.jsonl"
     if not metrics.is_file():
@@ -36,5 +37,6 @@ def load_run(directory: str | Path) -> RunRecord:
     if not epochs:
         raise ValueError(f"{metrics} has no completed epoch yet")
     summary = directory / "summary.json"
-    config = json.loads(summary.read_text())["config"] if summary.is_file() else {}
+    logged = next((r["config"] for r in records if r["kind"] == "config"), {})  # a run still going, or killed
+    config = json.loads(summary.read_text())["config"] if summary.is_file() else logged
     return RunRecord(directory.name or str(directory), config, epochs)

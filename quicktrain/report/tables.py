@@ -12,24 +12,45 @@ from rich.table import Table
 
 from .runs import RunRecord
 
-COLUMNS = ("run", "model", "dataset", "epochs", "best val acc", "test acc", "test loss", "wall s")
+_TEXT_COLUMNS = ("run", "config", "method", "model", "dataset", "optimizer", "parts", "note")
+COLUMNS = (
+    "run", "model", "dataset", "optimizer", "lr", "steps", "seed", "parts",
+    "best val acc", "test acc", "test loss", "wall s", "note",
+)
 
 
-def run_rows(runs: Sequence[RunRecord]) -> list[list[str]]:
-    """One row of :data:`COLUMNS` per run."""
+def parts_label(config: dict[str, Any]) -> str:
+    """The parts a run used, e.g. ``"ghn+kfac+boost"`` (``"-"`` for plain training)."""
+    parts = [config["init"]] if config.get("init") else []
+    parts += [config["precond"]] if config.get("precond") else []
+    parts += ["boost"] if config.get("boost") else []
+    parts += ["ewc"] if config.get("consolidate") else []
+    return "+".join(parts) or "-"
+
+
+def run_rows(runs: Sequence[RunRecord], target: float | None = None) -> list[list[str]]:
+    """One row of :data:`COLUMNS` per run. With ``target``, the note flags a run whose test accuracy reached
+    ``target`` at some epoch but ended below it."""
     rows = []
     for run in runs:
-        final = run.final
+        final, config = run.final, run.config
+        reached = target is not None and any(e["test_acc"] >= target for e in run.epochs)
+        note = f"reached {target:g}, ended below" if reached and final["test_acc"] < target else ""
         rows.append(
             [
                 run.name,
-                str(run.config.get("model", "?")),
-                str(run.config.get("dataset", "?")),
-                str(final["epoch"]),
+                str(config.get("model", "?")),
+                str(config.get("dataset", "?")),
+                str(config.get("optimizer", "?")),
+                f"{config['lr']:g}" if "lr" in config else "?",
+                str(final.get("step", "?")),
+                str(config.get("seed", "?")),
+                parts_label(config),
                 f"{max(e['val_acc'] for e in run.epochs):.4f}",
                 f"{final['test_acc']:.4f}",
                 f"{final['test_loss']:.4f}",
                 f"{final['wall']:.1f}",
+                note,
             ]
         )
     return rows
@@ -42,7 +63,7 @@ def print_table(
     table = Table(title=title or None)
     for column in columns:
         table.add_column(
-            column, justify="left" if column in ("run", "config", "method", "model", "dataset") else "right"
+            column, justify="left" if column in _TEXT_COLUMNS else "right"
         )
     for row in rows:
         table.add_row(*row)

@@ -48,13 +48,38 @@ def shard(indices: torch.Tensor, info: DistInfo) -> torch.Tensor:
     Each rank averages the loss over its equal share and DDP averages gradients over ranks, so the update
     equals the single-process update on the whole global batch.
     """
-    if len(indices) % info.world_size:
-        raise ValueError(
-            f"global batch of {len(indices)} does not split evenly over {info.world_size} processes; "
-            "choose --batch-size divisible by the number of processes"
-        )
+    check_divisible(len(indices), info)
     size = len(indices) // info.world_size
     return indices[info.rank * size : (info.rank + 1) * size]
+
+
+def check_divisible(batch_size: int, info: DistInfo) -> None:
+    """Reject a global batch that does not split evenly over the ranks (before any data is loaded)."""
+    if batch_size % info.world_size:
+        raise ValueError(
+            f"--batch-size {batch_size} does not split evenly over {info.world_size} processes; "
+            f"choose a multiple of {info.world_size}"
+        )
+
+
+def rank_range(count: int, info: DistInfo) -> range:
+    """This rank's contiguous share of ``count`` items (shares differ by at most one item)."""
+    return range(info.rank * count // info.world_size, (info.rank + 1) * count // info.world_size)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sums of ``values`` over ranks (float64; the values themselves without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

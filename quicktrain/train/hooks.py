@@ -118,6 +118,8 @@ class Hooks:
     init: Initializer | None = None
     gradients: GradientMakerFactory = AutogradGradients
     transforms: list[ModelTransform] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """What each attached part will do, one line each, for the run's start-up summary."""
 
 
 __all__ = [

@@ -21,11 +21,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig, check_setting
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    """The flat ``{field: value}`` settings of the recipe at ``path``; unknown or repeated keys raise."""
+    """The flat ``{field: value}`` settings of the recipe at ``path``, each checked against its field's type and
+    range; unknown or repeated keys and ill-typed values raise, naming the recipe."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
@@ -41,5 +42,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
                 raise ValueError(f"recipe {path}: unknown setting {name!r}; choose from {TrainConfig.field_names()}")
             if name in settings:
                 raise ValueError(f"recipe {path}: setting {name!r} is given twice")
-            settings[name] = setting
+            try:
+                settings[name] = check_setting(name, setting)
+            except ConfigError as error:
+                raise ConfigError(f"recipe {path}: {error}") from None
     return settings
