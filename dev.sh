@@ -22,7 +22,7 @@ setup() {
     local stamp=.venv/.quicktrain-installed
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         echo "dev.sh: installing quicktrain and its dependencies into .venv (log: .venv/install.log)" >&2
-        .venv/bin/python -m pip install --disable-pip-version-check -e ".[test,export]" >.venv/install.log 2>&1 \
+        .venv/bin/python -m pip install --disable-pip-version-check -e ".[test,export,tensorboard]" >.venv/install.log 2>&1 \
             || { tail -n 30 .venv/install.log >&2; exit 1; }
         touch "$stamp"
     fi

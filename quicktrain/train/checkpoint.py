@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -75,10 +76,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights only load failed" in str(error).lower():
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if unsafe:
             raise CheckpointError(
-                f"checkpoint {path} is unsafe: it holds pickled Python objects that weights_only=True refuses "
-                "to run; load only checkpoints written by quicktrain (tensors and plain values)"
+                f"checkpoint {path} is unsafe: it holds pickled Python code ({unsafe.group(1)}) that "
+                "weights_only=True refuses to run; load only checkpoints of tensors and plain values, such as "
+                "quicktrain writes"
             ) from None
         raise _corrupt(path, error) from error
     except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError) as error:
@@ -89,7 +92,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def _corrupt(path: Path, error: BaseException) -> CheckpointError:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = str(error).split("WeightsUnpickler error:")[-1]  # torch's own advice before it does not apply here
+    reason = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return CheckpointError(
         f"checkpoint {path} is corrupt or not a torch checkpoint ({type(error).__name__}: {reason}); "
         "delete it to start over or point to an intact one"

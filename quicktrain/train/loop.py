@@ -283,7 +283,7 @@ def fit(config: TrainConfig, hooks: Hooks | None = None, *, one_line: str | None
     display.start_run(total_steps, at.step)
 
     metrics: dict[str, float] = {}
-    last_good = _last_good(checkpoint_path) if resuming else "none yet"
+    last_good = f"{checkpoint_path} (epoch {at.epoch}, step {at.step})" if resuming else "none yet"
     try:
         for epoch in range(at.epoch, config.epochs):
             base, epoch_start = at.elapsed, time.perf_counter()  # wall time counts training steps only
@@ -402,10 +402,6 @@ def _save(run: _Run, at: _Progress, path: Path, dist: DistInfo, what: str) -> st
     if dist.is_main:
         save_checkpoint(_checkpoint(run, at), path)
     return f"{path} ({what})"
-
-
-def _last_good(path: Path) -> str:
-    return f"{path} (resumed from it)"
 
 
 def _summary(
