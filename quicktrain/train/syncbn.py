@@ -10,8 +10,8 @@ what one process computes on the whole batch. Synchronised BatchNorm uses the st
     \\sigma^2 = \\frac{1}{N} \\sum_{r} \\sum_{i \\in r} (x_i - \\mu)^2, \\qquad N = \\sum_r n_r,
 
 and the running statistics follow the single-process update with the unbiased :math:`\\frac{N}{N-1}\\sigma^2`.
-The sums are all-reduced with ``torch.distributed.nn.functional.all_reduce``, which is differentiable: its
-backward all-reduces the gradients of the statistics, so each rank's gradient includes the other ranks' loss
+The sums are all-reduced by :class:`AllReduceSum`, which is differentiable: its backward all-reduces the
+gradients of the statistics (``torch.distributed.nn.functional.all_reduce`` does the same but is deprecated), so each rank's gradient includes the other ranks' loss
 terms and DDP's gradient average equals the gradient of the global mean loss.
 
 On CUDA this is ``torch.nn.SyncBatchNorm``; torch's module refuses CPU tensors, so on CPU (gloo) the same
@@ -26,9 +26,25 @@ import itertools
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.nn.functional import all_reduce
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, :math:`y = \\sum_r x_r`; the gradient of each rank's input is the sum of all ranks'
+    output gradients, :math:`\\partial L / \\partial x_r = \\sum_{r'} \\partial L_{r'} / \\partial y`."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 class CpuSyncBatchNorm(nn.Module):
@@ -45,12 +61,12 @@ class CpuSyncBatchNorm(nn.Module):
             return bn(x)
         dims = [0, *range(2, x.ndim)]
         count = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device)
-        total = all_reduce(torch.cat([x.sum(dims), count]))
+        total = AllReduceSum.apply(torch.cat([x.sum(dims), count]))
         n = total[-1].detach()
         mean = total[:-1] / n
         shape = [1, -1] + [1] * (x.ndim - 2)
         centred = x - mean.view(shape)
-        var = all_reduce((centred * centred).sum(dims)) / n
+        var = AllReduceSum.apply((centred * centred).sum(dims)) / n
         if bn.track_running_stats and bn.running_mean is not None:
             with torch.no_grad():
                 bn.num_batches_tracked.add_(1)

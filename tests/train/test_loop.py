@@ -145,51 +145,46 @@ def test_bad_config_values_are_rejected():
         fit(dataclasses.replace(BASE, batch_size=5000))
 
 
-def test_torchrun_two_processes_equal_one_process(tmp_path):
-    args = [
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "64",
-        "--lr",
-        "0.01",
-        "--max-steps-per-epoch",
-        "5",
-        "--no-progress",
-        "--device",
-        "cpu",
-        "--optimizer",
-        "sgd",
-    ]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+DDP_ARGS = ["--dataset", "digits", "--epochs", "2", "--batch-size", "64", "--lr", "0.01", "--max-steps-per-epoch",
+            "5", "--device", "cpu", "--optimizer", "sgd"]
+
+
+def _cli(prefix, args, out):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single, double = tmp_path / "single", tmp_path / "double"
-    subprocess.run([sys.executable, "-m", "quicktrain.cli", "train", *args, "--out", str(single)], check=True, env=env)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "quicktrain.cli",
-            "train",
-            *args,
-            "--out",
-            str(double),
-        ],
-        check=True,
-        env=env,
-    )
-    a, b = _weights(single / "model.pt"), _weights(double / "model.pt")
+    command = [*prefix, "-m", "quicktrain.cli", "train", *args, "--out", str(out)]
+    return subprocess.run(command, check=True, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_torchrun_two_processes_equal_one_process(tmp_path, model):
+    """With BatchNorm (cnn) too: statistics are synchronised, so running means and variances match as well."""
+    args = [*DDP_ARGS, "--model", model]
+    single = _cli([sys.executable], args, tmp_path / "single")
+    double = _cli(TORCHRUN, args, tmp_path / "double")
+    a, b = _weights(tmp_path / "single" / "model.pt"), _weights(tmp_path / "double" / "model.pt")
+    assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    assert not torch.equal(a["1.weight"], load_checkpoint(single / "last.pt")["model"]["1.weight"] * 0)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    # one rank prints and logs, and its metrics are those of the whole batch and the whole evaluation sets
+    assert double.stdout.count("final:") == 1 == single.stdout.count("final:")
+    epochs = [[r for r in _records(tmp_path / run) if r["kind"] == "epoch"] for run in ("single", "double")]
+    for one, two in zip(*epochs, strict=True):
+        for key in ("train_loss", "train_acc", "val_acc", "test_acc"):
+            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+
+
+def test_torchrun_without_sync_batchnorm_differs_and_an_indivisible_batch_is_refused_first(tmp_path):
+    args = [*DDP_ARGS, "--model", "cnn", "--no-progress"]
+    _cli([sys.executable], args, tmp_path / "single")
+    _cli(TORCHRUN, [*args, "--no-sync-batchnorm"], tmp_path / "local")
+    a, b = _weights(tmp_path / "single" / "model.pt"), _weights(tmp_path / "local" / "model.pt")
+    gap = max(((a[k] - b[k]).abs().max() / a[k].abs().max()).item() for k in a if k.endswith("running_var"))
+    assert gap > 1e-3  # per-rank statistics: not the one-process result (the test above is not vacuous)
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        _cli(TORCHRUN, ["--model", "mlp", "--batch-size", "63"], tmp_path / "odd")
+    assert "--batch-size 63 does not split evenly over 2 processes" in failed.value.stderr
+    assert "loading" not in failed.value.stdout and not (tmp_path / "odd").exists()
 
 
 def _records(out):
