@@ -71,7 +71,7 @@ def run_seed(args: argparse.Namespace, seed: int, root: Path) -> list[dict]:
     adapter = data.Adapter(splits.in_shape, models.input_shape("mlp", splits.in_shape))
     start = time.perf_counter()
     run_a = root / f"s{seed}-A"
-    model_a = fit(TrainConfig(classes=TASKS["A"], out=str(run_a), **base)).model
+    model_a = fit(TrainConfig(classes=TASKS["A"], out=str(run_a), overwrite=True, **base)).model
     rows = [{"method": "A only (before B)", "strength": 0.0, "seed": seed, **measure(model_a, splits, adapter),
              "seconds": time.perf_counter() - start}]
     config_b = TrainConfig(classes=TASKS["B"], **base)

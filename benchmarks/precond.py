@@ -523,6 +523,7 @@ def part3(datasets: list[str], out_dir: Path, tag: str, methods: list[str] | Non
                     lr=lr,
                     progress=False,
                     out=str(run_dir),
+                    overwrite=True,
                     curvature_interval=5,
                     inverse_interval=20,
                     **settings,

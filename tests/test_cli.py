@@ -8,8 +8,12 @@ from quicktrain import cli
 
 def test_demo_trains_digits_above_90_percent_and_prints_a_table(tmp_path, capsys):
     cli.main(["demo", "--out", str(tmp_path)])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "quicktrain demo" in out and "test acc" in out
+    for label in ("adamw seed 0", "+ghn seed 0", "+kfac seed 0", "+boost seed 0", "all seed 0"):
+        assert label in captured.err  # one progress line per run
+    assert "epoch   1/" not in captured.err + out  # no per-epoch lines inside the demo
     for summary in tmp_path.glob("*/summary.json"):
         assert json.loads(summary.read_text())["metrics"]["test_acc"] > 0.9
     assert (tmp_path / "demo.png").stat().st_size > 10_000
@@ -43,9 +47,9 @@ def test_train_then_report_draws_the_runs(tmp_path, capsys):
 
 def test_unknown_model_on_the_command_line_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"choose from \['cnn', 'mlp'"):
-        cli.main(["train", "--model", "nope", "--no-progress"])
+        cli.run(["train", "--model", "nope", "--no-progress"])
 
 
 def test_report_of_a_folder_without_metrics_says_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl not found"):
-        cli.main(["report", str(tmp_path)])
+        cli.run(["report", str(tmp_path)])

@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.colors import to_rgb  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .runs import RunRecord  # noqa: E402
@@ -48,9 +49,17 @@ def run_colours(runs: Sequence[RunRecord]) -> list[tuple[float, float, float]]:
 
 
 def plot_runs(runs: Sequence[RunRecord], path: str | Path, title: str = "") -> Path:
-    """Draw a 2x2 grid (accuracy/loss x epochs/wall seconds) with one line per run; return the PNG path."""
+    """Draw :func:`draw_runs` into the PNG file ``path``; return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig = draw_runs(runs, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def draw_runs(runs: Sequence[RunRecord], title: str = "") -> Figure:
+    """A 2x2 grid (accuracy/loss x epochs/wall seconds) with one line per run and the legend beside it."""
     fig, axes = plt.subplots(2, 2, figsize=(13, 7), constrained_layout=True)
     colours = run_colours(runs)
     for row, (label, solid, dashed) in enumerate(PANELS):
@@ -69,6 +78,4 @@ def plot_runs(runs: Sequence[RunRecord], path: str | Path, title: str = "") -> P
     fig.legend(handles, labels, loc="outside right upper", fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

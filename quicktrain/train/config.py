@@ -93,7 +93,7 @@ def _at_least(low: int) -> Callable[[Any], str | None]:
 def _finite(low: float, *, strict: bool = False, high: float | None = None) -> Callable[[Any], str | None]:
     def check(v: float) -> str | None:
         ok = math.isfinite(v) and (v > low if strict else v >= low) and (high is None or v <= high)
-        bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        bound = f"{'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
         return None if ok else f"must be a finite number {bound}"
 
     return check

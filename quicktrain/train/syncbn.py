@@ -11,8 +11,9 @@ what one process computes on the whole batch. Synchronised BatchNorm uses the st
 
 and the running statistics follow the single-process update with the unbiased :math:`\\frac{N}{N-1}\\sigma^2`.
 The sums are all-reduced by :class:`AllReduceSum`, which is differentiable: its backward all-reduces the
-gradients of the statistics (``torch.distributed.nn.functional.all_reduce`` does the same but is deprecated), so each rank's gradient includes the other ranks' loss
-terms and DDP's gradient average equals the gradient of the global mean loss.
+gradients of the statistics (``torch.distributed.nn.functional.all_reduce`` does the same but is deprecated),
+so each rank's gradient includes the other ranks' loss terms and DDP's gradient average equals the gradient
+of the global mean loss.
 
 On CUDA this is ``torch.nn.SyncBatchNorm``; torch's module refuses CPU tensors, so on CPU (gloo) the same
 statistics are computed by :class:`CpuSyncBatchNorm` (two all-reduces per layer: sums, then centred squares).

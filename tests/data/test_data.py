@@ -106,6 +106,47 @@ def test_image_folder(tmp_path):
         data.get_dataset(f"folder:{tmp_path / 'nope'}")
 
 
+def _tree(root, split, classes, count=3, seed=0):
+    rng = np.random.default_rng(seed)
+    for cls, shade in classes.items():
+        (root / split / cls).mkdir(parents=True)
+        for i in range(count):
+            pixels = np.clip(rng.normal(shade, 5, (9, 9, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+
+
+def test_image_folder_splits_share_the_class_index_of_train(tmp_path):
+    """test/ lacks class 'b': its 'c' images must keep train's label 2, not shift to 1."""
+    _tree(tmp_path, "train", {"a": 20, "b": 120, "c": 230}, count=10)
+    _tree(tmp_path, "test", {"a": 20, "c": 230})
+    _tree(tmp_path, "val", {"b": 120, "c": 230}, seed=1)
+    s = data.get_dataset(f"folder:{tmp_path}")
+    assert s.num_classes == 3 and len(s.train) == 30 and len(s.val) == 6 and len(s.test) == 6
+    for split in (s.train, s.val, s.test):
+        images, labels = split.tensors
+        brightness = images.mean(dim=(1, 2, 3))
+        for label in labels.unique():  # a class's images keep their shade whatever the split: same class, same label
+            shade = brightness[labels == label].mean()
+            train_shade = s.train.tensors[0][s.train.tensors[1] == label].mean()
+            assert abs(shade - train_shade) < 0.2
+    assert s.test.tensors[1].tolist() == [0, 0, 0, 2, 2, 2]
+
+
+def test_image_folder_decoding_matches_pil_resize_and_standardises_with_train_statistics(tmp_path):
+    _tree(tmp_path, "train", {"a": 40, "b": 200}, count=4)
+    _tree(tmp_path, "test", {"a": 40})
+    s = data.get_dataset(f"folder:{tmp_path}")
+    raw = Image.open(tmp_path / "test" / "a" / "0.png").convert("RGB").resize((32, 32), Image.BILINEAR)
+    expected = torch.from_numpy(np.asarray(raw, dtype=np.float32) / 255).permute(2, 0, 1)
+    train_raw = torch.stack([
+        torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((32, 32), Image.BILINEAR), np.float32) / 255)
+        .permute(2, 0, 1) for p in sorted((tmp_path / "train").glob("*/*.png"))
+    ])
+    mean, std = train_raw.mean(dim=(0, 2, 3)), train_raw.std(dim=(0, 2, 3))
+    torch.testing.assert_close(s.test.tensors[0][0], (expected - mean[:, None, None]) / std[:, None, None],
+                               atol=2e-2, rtol=0)
+
+
 def test_adapter_repeats_grey_channels_and_resizes_up():
     x = torch.randn(2, 1, 8, 8)
     y = data.Adapter((1, 8, 8), (3, 32, 32))(x)

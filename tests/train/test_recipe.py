@@ -66,3 +66,27 @@ def test_shipped_recipes_are_valid_configs():
     for path in recipes:
         config = TrainConfig(**load_recipe(path))
         assert config.dataset == "fashion-mnist" and config.max_steps_per_epoch == 100
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("boost", "false", r"boost = 'false': expected a bool, got str \(write true or false, without quotes\)"),
+        ("epochs", 1.5, "epochs = 1.5: expected an integer, got float"),
+        ("epochs", True, "epochs = True: expected an integer, got bool"),
+        ("lr", [0.1, 0.2], r"lr = \[0.1, 0.2\]: expected a number, got list"),
+        ("lr", "0.1", "lr = '0.1': expected a number, got str"),
+        ("classes", 3, "classes = 3: expected a string or none, got int"),
+        ("epochs", None, "epochs = None: expected an integer"),
+        ("plt_end", 1.5, r"plt_end = 1.5: must be a finite number >= 0 and <= 1"),
+        ("model", " ", "model = ' ': must not be empty"),
+    ],
+)
+def test_config_fields_are_type_and_range_checked(name, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{name: value})
+
+
+def test_integers_are_accepted_for_float_fields_and_stored_as_floats():
+    config = TrainConfig(lr=1, weight_decay=0)
+    assert isinstance(config.lr, float) and config.lr == 1.0 and isinstance(config.weight_decay, float)
