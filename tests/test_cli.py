@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -53,3 +54,9 @@ def test_unknown_model_on_the_command_line_lists_the_valid_ones():
 def test_report_of_a_folder_without_metrics_says_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl not found"):
         cli.run(["report", str(tmp_path)])
+
+
+def test_bench_all_writes_under_runs_by_default_not_over_the_committed_results():
+    args = cli.parse_args(["bench", "all"])
+    assert args.out == "runs/bench-all"
+    assert "--out benchmarks/results/all" in (Path(__file__).parents[1] / "README.md").read_text().replace("\n", " ")
