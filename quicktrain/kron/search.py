@@ -69,6 +69,8 @@ class Search(Protocol):
 
     def add_rows_(self, touched: Tensor, delta: Tensor) -> None: ...
 
+    def refresh_(self, touched: Tensor) -> None: ...
+
 
 def _check_values(values: Tensor) -> None:
     if values.ndim != 2 or values.numel() == 0:
@@ -117,6 +119,9 @@ class ScanSearch:
         """``Z[touched] += delta`` for sorted distinct ``touched`` (``O(|R| n)``)."""
         self.Z.index_add_(0, touched, delta)
 
+    def refresh_(self, touched: Tensor) -> None:
+        """Nothing to maintain besides ``Z`` itself."""
+
 
 class TreeSearch:
     """The paper's asynchronous max-tree (:class:`AsynchronousTree`) behind the :class:`Search` interface.
@@ -143,8 +148,12 @@ class TreeSearch:
         return ActiveSet(pos, neuron, self.tree.leaves[neuron, idx[pos]], touched, row)
 
     def add_rows_(self, touched: Tensor, delta: Tensor) -> None:
-        """``Z[touched] += delta`` and refresh the touched leaves' ancestors (``O(|R| n log m)``)."""
-        self.tree.add_sorted_(touched, delta)
+        """``Z[touched] += delta`` in the leaves; call :meth:`refresh_` before the next query."""
+        self.tree.T.index_add_(0, touched + self.tree.P, delta)
+
+    def refresh_(self, touched: Tensor) -> None:
+        """Recompute the touched leaves' ancestors in all ``n`` trees (``O(|R| n log m)``)."""
+        self.tree.refresh_(touched + self.tree.P)
 
 
 def choose_path(m: int, n: int, active_fraction: float) -> tuple[str, str]:

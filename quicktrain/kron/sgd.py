@@ -47,7 +47,7 @@ from ._math import (
 )
 from .dense import StepResult
 from .model import ROW_BLOCK, ExplicitInit, KronMLP, SeededInit
-from .search import PATHS, ActiveSet, choose_path, make_search
+from .search import PATHS, choose_path, make_search
 
 __all__ = ["KronSGD", "initial_preactivations"]
 
@@ -86,6 +86,25 @@ def initial_preactivations(
         e = min(init.m, s + rows)
         out[s:e] = preactivations(init.rows(s, e, dtype=ref.dtype, device=ref.device), factors)
     return out
+
+
+class _PhaseClock:
+    """Adds the seconds between successive :meth:`lap` calls to ``profile[phase]`` (no-op without one)."""
+
+    def __init__(self, profile: dict[str, float] | None, device: torch.device) -> None:
+        self.profile, self.device = profile, device
+        self.t = self._now() if profile is not None else 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.profile is not None:
+            t = self._now()
+            self.profile[phase] = self.profile.get(phase, 0.0) + t - self.t
+            self.t = t
 
 
 class KronSGD:
@@ -233,29 +252,32 @@ class KronSGD:
         return self.gram.dtype
 
     # ------------------------------------------------------------------ step
-    def _forward(self, idx: Tensor) -> tuple[Tensor, ActiveSet]:
-        act = self.search.find(idx)
-        return predictions_from_active(act.pos, act.neuron, act.z, self.a, self.b, idx.numel(), self.m), act
-
     @torch.no_grad()
     def predict(self, idx: Tensor) -> Tensor:
         """Predictions ``f(W(t), x_i, a)`` on training points ``idx`` (no update)."""
         idx = check_indices(idx, self.n, self.device)
-        return self._forward(idx)[0]
+        act = self.search.find(idx)
+        return predictions_from_active(act.pos, act.neuron, act.z, self.a, self.b, idx.numel(), self.m)
 
     @torch.no_grad()
-    def step(self, idx: Tensor) -> StepResult:
+    def step(self, idx: Tensor, *, profile: dict[str, float] | None = None) -> StepResult:
         """One SGD step on the batch of training points ``idx`` (no length-``d`` work).
 
         Args:
             idx: ``[B]`` indices into the training set (duplicates allowed).
+            profile: If given, seconds spent in each phase (``search``, ``forward_backward``,
+                ``update_Z``, ``refresh``, ``update_C``) are added to it (device-synchronised;
+                for benchmarks, it slows the step).
 
         Returns:
             :class:`StepResult` with predictions and loss *before* the update.
         """
+        clock = _PhaseClock(profile, self.device)
         idx = check_indices(idx, self.n, self.device)
-        # forward: only the activated neurons S_i
-        pred, act = self._forward(idx)
+        # search + forward: only the activated neurons S_i
+        act = self.search.find(idx)
+        clock.lap("search")
+        pred = predictions_from_active(act.pos, act.neuron, act.z, self.a, self.b, idx.numel(), self.m)
         resid = pred - self.y[idx]
         loss = squared_loss(pred, self.y[idx])
         # backward: coefficient c_ri of x_i in the update of w_r, for each active pair
@@ -263,10 +285,15 @@ class KronSGD:
         # C_B ∈ R^{|R|×|B|}; (row, pos) pairs are distinct, duplicates of idx sit in separate columns
         cb = torch.zeros(act.touched.numel(), idx.numel(), dtype=self.dtype, device=self.device)
         cb[act.row, act.pos] = coef
-        # Z[R, :] += C_B G[B, :] through the Gram matrix (the tree also refreshes its nodes)
+        clock.lap("forward_backward")
+        # Z[R, :] += C_B G[B, :] through the Gram matrix, then let the structure catch up
         self.search.add_rows_(act.touched, cb @ self.gram[idx])
+        clock.lap("update_Z")
+        self.search.refresh_(act.touched)
+        clock.lap("refresh")
         # keep W(t) = W(0) + C X materialisable: C[r, idx_p] += c_rp for the P pairs only
         self.coef.view(-1).index_add_(0, act.neuron * self.n + idx[act.pos], coef)
+        clock.lap("update_C")
         self.steps += 1
         return StepResult(pred, loss, n_active=act.pos.numel(), n_touched=act.touched.numel())
 

@@ -71,7 +71,7 @@ class AsynchronousTree:
         return self.T[self.P : self.P + self.m]
 
     # ---------------------------------------------------------------- update
-    def _refresh(self, leaf_nodes: Tensor) -> None:
+    def refresh_(self, leaf_nodes: Tensor) -> None:
         """Recompute the ancestors of sorted unique ``leaf_nodes`` in all ``n`` trees."""
         nodes = leaf_nodes
         for _ in range(self.levels):
@@ -117,14 +117,14 @@ class AsynchronousTree:
         if neurons.numel():
             leaf = neurons + self.P
             self.T[leaf] = values.to(self.T.dtype)
-            self._refresh(leaf)
+            self.refresh_(leaf)
 
     def add_sorted_(self, neurons: Tensor, delta: Tensor) -> None:
         """Unchecked :meth:`add_` for sorted unique int64 ``neurons`` (the trainer's hot path)."""
         if neurons.numel():
             leaf = neurons + self.P
             self.T.index_add_(0, leaf, delta.to(self.T.dtype))
-            self._refresh(leaf)
+            self.refresh_(leaf)
 
     # ----------------------------------------------------------------- query
     def query(self, points: Tensor) -> tuple[Tensor, Tensor]:
