@@ -119,8 +119,8 @@ class KronSGD:
         seed: Seed of ``W(0)`` and ``a`` (:class:`SeededInit`); the dense reference built from the
             same seed starts from identical weights. :meth:`from_weights` takes explicit ones.
         path: Activated-neuron search, ``"auto"`` (default: :func:`~quicktrain.kron.search.choose_path`
-            from ``m``, ``n`` and the fraction of ``Z(0)`` above ``b``), ``"scan"`` or ``"tree"``
-            (the paper's structure). All paths give the same trajectory; :attr:`path` and
+            from ``m``, ``n`` and the fraction of ``Z(0)`` above ``b``), ``"scan"``, ``"blocks"`` or
+            ``"tree"`` (the paper's structure). All paths give the same trajectory; :attr:`path` and
             :attr:`path_reason` say which one runs and why.
         chunk_elems: Memory budget (elements) for streaming ``W(0)`` at initialisation.
 
@@ -178,7 +178,7 @@ class KronSGD:
             a: ``[m]`` output weights (the paper's are ``±1``; any finite values work).
             b: Threshold ``b >= 0``.
             lr: Step size ``η``.
-            path: ``"auto"``, ``"scan"`` or ``"tree"`` (as in the constructor).
+            path: ``"auto"``, ``"scan"``, ``"blocks"`` or ``"tree"`` (as in the constructor).
             chunk_elems: Memory budget (elements) for streaming ``W0`` at initialisation.
 
         Returns:
@@ -287,9 +287,10 @@ class KronSGD:
         cb[act.row, act.pos] = coef
         clock.lap("forward_backward")
         # Z[R, :] += C_B G[B, :] through the Gram matrix, then let the structure catch up
-        self.search.add_rows_(act.touched, cb @ self.gram[idx])
+        g_rows = self.gram[idx]
+        self.search.add_rows_(act.touched, cb @ g_rows)
         clock.lap("update_Z")
-        self.search.refresh_(act.touched)
+        self.search.refresh_(act.touched, cb, g_rows)
         clock.lap("refresh")
         # keep W(t) = W(0) + C X materialisable: C[r, idx_p] += c_rp for the P pairs only
         self.coef.view(-1).index_add_(0, act.neuron * self.n + idx[act.pos], coef)
