@@ -229,6 +229,16 @@ class KronSGD:
         self.steps = 0
         self.init_seconds = time.perf_counter() - t0
 
+    def use_path(self, path: str) -> None:
+        """Switch the activated-neuron search to ``path`` (rebuilt from the current ``Z``, ``O(m n)``).
+
+        The trajectory does not change (all paths return the same pairs in the same order).
+        """
+        if path not in PATHS:
+            raise ValueError(f"unknown path {path!r}; choose one of {PATHS}")
+        self.search = make_search(path, self.Z, self.b)
+        self.path, self.path_reason = path, f"path={path!r} set by use_path"
+
     def __repr__(self) -> str:
         return (
             f"KronSGD(m={self.m}, n={self.n}, dims={self.dims}, b={self.b:g}, lr={self.lr:g}, "
