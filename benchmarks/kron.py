@@ -39,7 +39,6 @@ from typing import Any
 
 import torch
 
-from quicktrain.kron._math import preactivations
 from quicktrain.kron.bench import (
     DTYPES,
     PHASES,
@@ -64,23 +63,25 @@ INIT_COLS = ["d", "m", "n", "per_row_s", "batched_s", "speedup", "draw_W0_s", "f
 
 
 def per_row_reference(init: SeededInit, factors: tuple[torch.Tensor, ...], chunk_elems: int = 1 << 23) -> torch.Tensor:
-    """The previous initialisation, kept only as the benchmark's baseline: one generator call per row.
+    """The initialisation before part 2, kept only as this benchmark's baseline (K = 2 factors).
 
-    Same chunk rule and contraction as before part 2 (a Python loop seeding a generator for
-    every row of W(0)); its rows differ from :class:`SeededInit`'s, its cost is what is compared.
+    One generator call per row of W(0), the old chunk rule, and the old contraction: a matmul
+    with the last factor, then a broadcast multiply and sum with the first. Its rows differ
+    from :class:`SeededInit`'s; its cost is what is compared.
     """
-    dims = [f.shape[1] for f in factors]
-    n, d = factors[0].shape[0], math.prod(dims)
-    rows = max(1, chunk_elems // (d + (d // dims[-1]) * n))
-    out = torch.empty(init.m, n, dtype=factors[0].dtype)
+    (u, v), dims = factors, [f.shape[1] for f in factors]
+    n, d = u.shape[0], math.prod(dims)
+    rows = max(1, chunk_elems // (d + dims[0] * n))
+    out = torch.empty(init.m, n, dtype=u.dtype)
     g = torch.Generator()
     for s in range(0, init.m, rows):
         e = min(init.m, s + rows)
-        block = torch.empty(e - s, d, dtype=factors[0].dtype)
+        block = torch.empty(e - s, d, dtype=u.dtype)
         for j, r in enumerate(range(s, e)):
             g.manual_seed((init.seed * 0x9E3779B97F4A7C15 + r + 1) % (2**63 - 1))
-            torch.randn(d, generator=g, dtype=factors[0].dtype, out=block[j])
-        out[s:e] = preactivations(block, factors)
+            torch.randn(d, generator=g, dtype=u.dtype, out=block[j])
+        t = (block.reshape((e - s) * dims[0], dims[1]) @ v.T).reshape(e - s, dims[0], n)
+        out[s:e] = (t * u.T[None]).sum(dim=1)
     return out
 
 
@@ -153,8 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(path_rows, PATH_COLS))
     for m, b in settings[:4]:
         r = next(r for r in path_rows if r["m"] == m and r["b"] == b and r["contender"] == "default")
-        text = f"default ({r['path']}) at m={m}, b={b:.3f}: {r['vs_scan']:.3f}x the scan <= 1.0"
-        verdicts.append((text, r["vs_scan"] <= 1.0))
+        # where the rule picks the scan, the default *is* the scan: the ratio is 1 by construction and
+        # the measured one is the run's noise; otherwise the measured ratio must be <= 1
+        same = r["path"] == "scan"
+        text = f"default ({r['path']}) at m={m}, b={b:.3f}: measured {r['vs_scan']:.3f}x the scan" + (
+            " (same code as the scan)" if same else " <= 1.0"
+        )
+        verdicts.append((text, same or r["vs_scan"] <= 1.0))
     write_csv(path_rows, out / f"kron_paths{tag}.csv")
     summary["paths"] = path_rows
 

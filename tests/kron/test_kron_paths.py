@@ -165,3 +165,17 @@ def test_initial_preactivations_any_chunk_equal_explicit_contraction(chunk_elems
     torch.testing.assert_close(z, init.weight() @ x.T, rtol=1e-13, atol=1e-13)
     # the seeded rows are the same whichever range they are drawn in
     torch.testing.assert_close(init.rows(37, 130), init.weight()[37:130], rtol=0, atol=0)
+
+
+def test_use_path_switches_without_changing_the_trajectory():
+    factors, y, w0, a, g = _random_problem(20, (4, 4), 130, seed=10)
+    straight = KronSGD.from_weights(factors, y, w0, a, b=0.7, lr=1.0, path="scan")
+    switched = KronSGD.from_weights(factors, y, w0, a, b=0.7, lr=1.0, path="tree")
+    for k in range(9):
+        idx = torch.randint(0, 20, (5,), generator=g)
+        switched.use_path(PATHS[k % len(PATHS)])
+        assert torch.equal(switched.step(idx).pred, straight.step(idx).pred)
+    assert switched.path == PATHS[8 % len(PATHS)] and "use_path" in switched.path_reason
+    resumed = KronSGD.from_weights(factors, y, w0, a, b=0.7, lr=1.0)
+    resumed.load_state_dict(switched.state_dict())
+    assert resumed.path == switched.path and torch.equal(resumed.Z, straight.Z)
