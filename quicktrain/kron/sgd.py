@@ -61,11 +61,12 @@ def initial_preactivations(
 
     .. math::  Z_{ri}(0) = \\langle w_r(0), x_i \\rangle = u_i^\\top W_r(0)\\, v_i
 
-    Each block of rows (a multiple of :data:`~quicktrain.kron.model.ROW_BLOCK`) is drawn in
-    one generator call per :data:`ROW_BLOCK` rows and contracted with all factors at once by
-    :func:`preactivations` (one matmul against the last factor, then one batched reduction
-    per remaining factor). ``x`` is never formed; peak extra memory is about
-    ``chunk_elems`` elements (at least one :data:`ROW_BLOCK` of rows).
+    Each block of rows (a multiple of :data:`~quicktrain.kron.model.ROW_BLOCK`, one generator
+    seed per :data:`ROW_BLOCK` rows) is contracted with all factors at once by
+    :func:`preactivations` (one matmul against the last factor, then one batched
+    matrix-vector product per remaining factor); there is no Python loop over rows. ``x`` is
+    never formed; peak extra memory is about ``chunk_elems`` elements (at least one
+    :data:`ROW_BLOCK` of rows).
 
     Args:
         init: Initial weights (``init.d`` must equal ``Π d_k``).
