@@ -206,19 +206,25 @@ def compare_paths(
     """Step time of every activated-neuron path and of the default, in turns, with a phase breakdown.
 
     All contenders are copies of one trainer (same ``Z(0)``, same batches), so they stay
-    bit-identical; ``default`` is the trainer as built (its automatic path).
+    bit-identical. The default is not timed twice: it *is* the trainer of the path its rule
+    picks, and its row repeats that path's measurement (two copies of the same code would
+    only measure the run's noise).
 
     Returns:
-        One row per contender: path, ms per step, ratio to the scan, median ms per phase of the
-        step (:data:`PHASES`, from ``profile_steps`` extra device-synchronised steps).
+        One row per path plus a ``default`` row: path, ms per step, ratio to the scan, median
+        ms per phase of the step (:data:`PHASES`, from ``profile_steps`` extra
+        device-synchronised steps).
     """
     device = torch.device(device)
     ds = make_teacher(n, dims, seed=seed, dtype=dtype).to(device=device)
     default = KronSGD(ds.factors, ds.y, m=m, b=b, lr=lr, seed=seed)
-    trainers = {"default": default}
+    trainers = {}
     for p in PATHS:
-        trainers[p] = copy.deepcopy(default)
-        trainers[p].use_path(p)
+        if p == default.path:
+            trainers[p] = default
+        else:
+            trainers[p] = copy.deepcopy(default)
+            trainers[p].use_path(p)
     sched = [i.to(device) for i in batch_schedule(n, batch, warmup + steps + profile_steps, seed=seed)]
     med, outs = time_in_turns(
         {k: t.step for k, t in trainers.items()}, sched[: warmup + steps], warmup=warmup, device=device
@@ -247,6 +253,7 @@ def compare_paths(
                 **{f"{ph}_ms": 1e3 * statistics.median(p.get(ph, 0.0) for p in profs[name]) for ph in PHASES},
             }
         )
+    rows.insert(0, {**next(r for r in rows if r["contender"] == default.path), "contender": "default"})
     if not all(torch.equal(t.Z, default.Z) for t in trainers.values()):
         raise RuntimeError("paths diverged: the activated-neuron paths must give identical trajectories")
     return rows
