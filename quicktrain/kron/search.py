@@ -160,11 +160,12 @@ class TreeSearch:
 
     def add_rows_(self, touched: Tensor, delta: Tensor) -> None:
         """``Z[touched] += delta`` in the leaves; call :meth:`refresh_` before the next query."""
-        self.tree.T.index_add_(0, touched + self.tree.P, delta)
+        self.tree.add_sorted_(touched, delta, refresh=False)
 
     def refresh_(self, touched: Tensor, cb: Tensor, g_rows: Tensor) -> None:
         """Recompute the touched leaves' ancestors in all ``n`` trees (``O(|R| n log m)``)."""
-        self.tree.refresh_(touched + self.tree.P)
+        if touched.numel():
+            self.tree.refresh_(touched + self.tree.P)
 
 
 class BlockSearch:
