@@ -127,8 +127,11 @@ def preactivations(weight_rows: Tensor, factors: Sequence[Tensor]) -> Tensor:
 
     .. math::  Z_{ri} = \\langle w_r, u_i \\otimes v_i \\rangle = u_i^\\top W_r v_i
 
-    (for K factors: contract ``W_r`` reshaped to ``[d_1, ..., d_K]`` with one factor at
-    a time). Cost ``O(rows * d * n)`` flops, memory ``O(rows * d / d_K * n)``.
+    For K factors, ``W_r`` reshaped to ``[d_1, ..., d_K]`` is contracted with the last factor
+    by one matmul for the whole block, ``T = U^{(K)} W_{[r·d_1⋯d_{K-1}], d_K}^\\top``
+    (``[n, r·d_1⋯d_{K-1}]``, data point leading), then with each remaining factor by one batched
+    matrix-vector product over the data points (``bmm``, no broadcast temporaries). Cost
+    ``O(rows * d * n)`` flops, memory ``O(rows * d / d_K * n)``.
 
     Args:
         weight_rows: ``[r, d]`` rows of ``W`` (row-major ``[d_1, ..., d_K]`` layout).
@@ -139,14 +142,10 @@ def preactivations(weight_rows: Tensor, factors: Sequence[Tensor]) -> Tensor:
     """
     dims = [f.shape[1] for f in factors]
     r, n = weight_rows.shape[0], factors[0].shape[0]
-    head = math.prod(dims[:-1])
-    # contract the last (fastest) factor with one matmul: [r * head, d_K] @ [d_K, n]
-    t = (weight_rows.reshape(r * head, dims[-1]) @ factors[-1].T).reshape(r, head, n)
+    t = factors[-1] @ weight_rows.reshape(-1, dims[-1]).T  # [n, r * d_1 ⋯ d_{K-1}]
     for k in range(len(factors) - 2, -1, -1):
-        t = t.reshape(r, head // dims[k], dims[k], n)
-        t = (t * factors[k].T[None, None]).sum(dim=2)
-        head //= dims[k]
-    return t.reshape(r, n)
+        t = torch.bmm(t.view(n, -1, dims[k]), factors[k][:, :, None])  # contract d_k point by point
+    return t.view(n, r).T
 
 
 def predictions_from_active(

@@ -8,6 +8,7 @@ GPU). Memory is probed in a fresh subprocess so that peak RSS belongs to one run
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import statistics
@@ -24,10 +25,13 @@ from .. import report
 from .data import batch_schedule, make_digit_pairs, make_teacher
 from .dense import DenseSGD
 from .model import KronMLP, SeededInit
+from .search import PATHS
 from .sgd import KronSGD
 
 __all__ = [
     "compare_at",
+    "compare_paths",
+    "time_in_turns",
     "fit_slope",
     "markdown_table",
     "memory_probe",
@@ -60,6 +64,47 @@ def _time_steps(
     return statistics.median(times), outs
 
 
+def time_in_turns(
+    steps: dict[str, Callable[[torch.Tensor], Any]],
+    batches: Sequence[torch.Tensor],
+    *,
+    warmup: int,
+    device: torch.device,
+    limit: dict[str, int] | None = None,
+) -> tuple[dict[str, float], dict[str, list[Any]]]:
+    """Median seconds per step of each contender, stepping them in turns (A B A B …) on the same batches.
+
+    The order rotates every step so no contender always runs first (after the others' cache traffic).
+
+    Args:
+        steps: Name → step function.
+        batches: Batch indices; every contender sees them in the same order.
+        warmup: Burn-in steps per contender (not timed).
+        device: For synchronisation.
+        limit: Optional name → number of timed steps (e.g. few for a slow dense trainer).
+
+    Returns:
+        ``(median seconds, outputs of the timed steps)`` per contender.
+    """
+    limit = limit or {}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    outs: dict[str, list[Any]] = {k: [] for k in steps}
+    names = list(steps)
+    for i, idx in enumerate(batches):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            step = steps[name]
+            if i >= warmup + limit.get(name, len(batches)):
+                continue
+            _sync(device)
+            t0 = time.perf_counter()
+            out = step(idx)
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+                outs[name].append(out)
+    return {k: statistics.median(v) for k, v in times.items()}, outs
+
+
 def compare_at(
     dims: Sequence[int],
     *,
@@ -75,8 +120,8 @@ def compare_at(
     device: str | torch.device = "cpu",
     seed: int = 0,
     dense: bool = True,
-) -> dict[str, float]:
-    """Per-step time of dense and Kronecker SGD on one teacher task.
+) -> dict[str, Any]:
+    """Per-step time of dense and Kronecker SGD (default path) on one teacher task, stepped in turns.
 
     Args:
         dims: Factor dimensions; ``d = Π dims``.
@@ -94,8 +139,8 @@ def compare_at(
         dense: Also time the dense trainer.
 
     Returns:
-        A row: d, m, n, batch, b, kron/dense ms per step, speed-up, init seconds, mean active
-        pairs per point, mean touched neurons per step and steps to break even.
+        A row: d, m, n, batch, b, the path used, kron/dense ms per step, speed-up, init seconds,
+        mean active pairs per point, mean touched neurons per step and steps to break even.
     """
     device = torch.device(device)
     ds = make_teacher(n, dims, seed=seed, dtype=dtype).to(device=device)
@@ -105,39 +150,118 @@ def compare_at(
     fast = KronSGD(ds.factors, ds.y, m=m, b=b, lr=lr, seed=seed)
     _sync(device)
     kron_init = time.perf_counter() - t0
-    kron_s, outs = _time_steps(fast.step, sched[: warmup + kron_steps], warmup, device)
-    row: dict[str, float] = {
-        "d": ds.d,
-        "m": m,
-        "n": n,
-        "batch": batch,
-        "b": b,
-        "kron_ms": 1e3 * kron_s,
-        "kron_init_s": kron_init,
-        "active_per_point": statistics.mean(o.n_active for o in outs) / batch,
-        "touched_per_step": statistics.mean(o.n_touched for o in outs),
-    }
-    del fast
+    steps: dict[str, Callable[[torch.Tensor], Any]] = {"kron": fast.step}
     if dense:
         t0 = time.perf_counter()
         model = KronMLP.from_init(SeededInit(m, ds.d, seed), b=b, dtype=dtype, device=device)
         _sync(device)
         dense_init = time.perf_counter() - t0
-        trainer = DenseSGD(model, ds.factors, ds.y, lr=lr)
-        dense_s, _ = _time_steps(trainer.step, sched[: warmup + dense_steps], warmup, device)
+        steps["dense"] = DenseSGD(model, ds.factors, ds.y, lr=lr).step
+    med, outs = time_in_turns(
+        steps, sched, warmup=warmup, device=device, limit={"kron": kron_steps, "dense": dense_steps}
+    )
+    kron_s = med["kron"]
+    row: dict[str, Any] = {
+        "d": ds.d,
+        "m": m,
+        "n": n,
+        "batch": batch,
+        "b": b,
+        "path": fast.path,
+        "kron_ms": 1e3 * kron_s,
+        "kron_init_s": kron_init,
+        "active_per_point": statistics.mean(o.n_active for o in outs["kron"]) / batch,
+        "touched_per_step": statistics.mean(o.n_touched for o in outs["kron"]),
+    }
+    if dense:
+        dense_s = med["dense"]
         row.update(
             dense_ms=1e3 * dense_s,
+            dense_steps=dense_steps,
             dense_init_s=dense_init,
             speedup=dense_s / kron_s,
             break_even_steps=kron_init / (dense_s - kron_s) if dense_s > kron_s else math.inf,
         )
-        del model, trainer
     return row
+
+
+PHASES = ("search", "forward_backward", "update_Z", "refresh", "update_C")
+
+
+def compare_paths(
+    dims: Sequence[int],
+    *,
+    m: int,
+    n: int,
+    batch: int,
+    b: float,
+    lr: float = 0.1,
+    steps: int = 30,
+    warmup: int = 3,
+    profile_steps: int = 10,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Step time of every activated-neuron path and of the default, in turns, with a phase breakdown.
+
+    All contenders are copies of one trainer (same ``Z(0)``, same batches), so they stay
+    bit-identical. The default is not timed twice: it *is* the trainer of the path its rule
+    picks, and its row repeats that path's measurement (two copies of the same code would
+    only measure the run's noise).
+
+    Returns:
+        One row per path plus a ``default`` row: path, ms per step, ratio to the scan, median
+        ms per phase of the step (:data:`PHASES`, from ``profile_steps`` extra
+        device-synchronised steps).
+    """
+    device = torch.device(device)
+    ds = make_teacher(n, dims, seed=seed, dtype=dtype).to(device=device)
+    default = KronSGD(ds.factors, ds.y, m=m, b=b, lr=lr, seed=seed)
+    trainers = {}
+    for p in PATHS:
+        if p == default.path:
+            trainers[p] = default
+        else:
+            trainers[p] = copy.deepcopy(default)
+            trainers[p].use_path(p)
+    sched = [i.to(device) for i in batch_schedule(n, batch, warmup + steps + profile_steps, seed=seed)]
+    med, outs = time_in_turns(
+        {k: t.step for k, t in trainers.items()}, sched[: warmup + steps], warmup=warmup, device=device
+    )
+    profs: dict[str, list[dict[str, float]]] = {k: [] for k in trainers}
+    for idx in sched[warmup + steps :]:
+        for name, t in trainers.items():
+            profs[name].append({})
+            t.step(idx, profile=profs[name][-1])
+    rows = []
+    for name, t in trainers.items():
+        rows.append(
+            {
+                "contender": name,
+                "path": t.path,
+                "m": m,
+                "d": ds.d,
+                "n": n,
+                "batch": batch,
+                "b": b,
+                "active_fraction": default.active_fraction,
+                "ms": 1e3 * med[name],
+                "vs_scan": med[name] / med["scan"],
+                "active_per_point": statistics.mean(o.n_active for o in outs[name]) / batch,
+                "touched_per_step": statistics.mean(o.n_touched for o in outs[name]),
+                **{f"{ph}_ms": 1e3 * statistics.median(p.get(ph, 0.0) for p in profs[name]) for ph in PHASES},
+            }
+        )
+    rows.insert(0, {**next(r for r in rows if r["contender"] == default.path), "contender": "default"})
+    if not all(torch.equal(t.Z, default.Z) for t in trainers.values()):
+        raise RuntimeError("paths diverged: the activated-neuron paths must give identical trajectories")
+    return rows
 
 
 def sweep(
     points: Iterable[dict[str, Any]], *, progress: bool = True, desc: str = "kron bench", **common: Any
-) -> list[dict[str, float]]:
+) -> list[dict[str, Any]]:
     """Run :func:`compare_at` for each ``points`` entry (merged over ``common``), with a tqdm bar."""
     from tqdm.auto import tqdm
 

@@ -91,7 +91,8 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
     fast = KronSGD(train.factors, train.y, m=args.m, b=b, lr=args.lr, seed=args.seed)
     print(
         f"kron: task={args.task} n={train.n} d={train.d:,} dims={train.dims} m={args.m} b={b:.3f} "
-        f"lr={args.lr} dtype={args.dtype} device={device} init {time.perf_counter() - t0:.2f}s"
+        f"lr={args.lr} dtype={args.dtype} device={device} init {time.perf_counter() - t0:.2f}s\n"
+        f"kron: path={fast.path} ({fast.path_reason})"
     )
     dense = None
     if args.check_dense:
@@ -121,6 +122,7 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
         "last_loss": _mean(losses[-args.log_every :]),
         "ms_per_step": 1e3 * t_steps / len(losses),
         "init_s": fast.init_seconds,
+        "path": fast.path,
         "d": train.d,
     }
     if dense is not None:

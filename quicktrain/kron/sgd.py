@@ -2,19 +2,22 @@
 
 State after initialisation (nothing of length ``d`` is kept):
 
-* ``Z ∈ R^{m×n}``, ``Z_ri = ⟨w_r(t), x_i⟩`` — the leaves of the :class:`AsynchronousTree`;
+* ``Z ∈ R^{m×n}``, ``Z_ri = ⟨w_r(t), x_i⟩`` — held by the activated-neuron search
+  (:mod:`quicktrain.kron.search`: the default column ``"scan"`` or the paper's ``"tree"``);
 * ``G ∈ R^{n×n}``, ``G_ij = ⟨x_i, x_j⟩ = Π_k ⟨u^k_i, u^k_j⟩`` (Gram / tensor trick);
 * ``C ∈ R^{m×n}``, the accumulated update coefficients, so that
   ``W(t) = W(0) + C X`` with ``X = [x_1; …; x_n]`` (used only to materialise ``W``);
-* the output signs ``a``, the threshold ``b``, the step size ``η`` and the seed of ``W(0)``.
+* the output weights ``a``, the threshold ``b``, the step size ``η`` and the initial weights
+  (a seed, :class:`SeededInit`, or given ``W(0)``, :class:`ExplicitInit`).
 
-One step on batch ``B`` (``k`` = active neurons per point, ``R`` = touched neurons):
+One step on batch ``B`` (``k`` = active neurons per point, ``R`` = touched neurons,
+``P ≤ |B| k`` = active pairs):
 
-1. query the tree: ``S_i = {r : Z_ri > b}`` for ``i ∈ B`` — ``O(|B| k log m)``;
-2. forward: ``f_i = m^{-1/2} Σ_{r∈S_i} a_r (Z_ri − b)`` — ``O(|B| k)``;
-3. backward: ``c_ri = −η m^{-1/2} a_r (f_i − y_i)`` for ``r ∈ S_i`` — ``O(|B| k)``;
-4. ``Z[R, :] += C_B G[B, :]`` — ``O(|R| |B| n) ≤ O(|B|² k n)``; tree update ``O(|R| n log m)``;
-5. ``C[R, B] += C_B``.
+1. search: ``S_i = {r : Z_ri > b}`` for ``i ∈ B`` — scan ``O(m |B|)`` or tree ``O(|B| k log m)``;
+2. forward: ``f_i = m^{-1/2} Σ_{r∈S_i} a_r (Z_ri − b)`` — ``O(P)``;
+3. backward: ``c_ri = −η m^{-1/2} a_r (f_i − y_i)`` for ``r ∈ S_i`` — ``O(P)``;
+4. ``Z[R, :] += C_B G[B, :]`` — ``O(|R| |B| n)``; the tree also refreshes ``O(|R| n log m)`` nodes;
+5. ``C[r, i] += c_ri`` for the ``P`` pairs.
 
 The trainer does not even keep the factor matrices: the step structurally cannot
 touch a length-``d`` vector. Only initialisation (``O(m n d)`` via
@@ -43,8 +46,8 @@ from ._math import (
     update_coefficients,
 )
 from .dense import StepResult
-from .model import KronMLP, SeededInit
-from .tree import AsynchronousTree
+from .model import ROW_BLOCK, ExplicitInit, KronMLP, SeededInit
+from .search import PATHS, choose_path, make_search
 
 __all__ = ["KronSGD", "initial_preactivations"]
 
@@ -52,16 +55,21 @@ DEFAULT_CHUNK_ELEMS = 1 << 23  # ≈ 32 MB of float32 per streamed block of W(0)
 
 
 def initial_preactivations(
-    init: SeededInit, factors: Sequence[Tensor], *, chunk_elems: int = DEFAULT_CHUNK_ELEMS
+    init: SeededInit | ExplicitInit, factors: Sequence[Tensor], *, chunk_elems: int = DEFAULT_CHUNK_ELEMS
 ) -> Tensor:
     """``Z(0) = W(0) X^T`` computed from the factors, streaming ``W(0)`` in row blocks.
 
     .. math::  Z_{ri}(0) = \\langle w_r(0), x_i \\rangle = u_i^\\top W_r(0)\\, v_i
 
-    ``x`` is never formed; peak extra memory is about ``chunk_elems`` elements.
+    Each block of rows (a multiple of :data:`~quicktrain.kron.model.ROW_BLOCK`, one generator
+    seed per :data:`ROW_BLOCK` rows) is contracted with all factors at once by
+    :func:`preactivations` (one matmul against the last factor, then one batched
+    matrix-vector product per remaining factor); there is no Python loop over rows. ``x`` is
+    never formed; peak extra memory is about ``chunk_elems`` elements (at least one
+    :data:`ROW_BLOCK` of rows).
 
     Args:
-        init: Seeded initial weights (``init.d`` must equal ``Π d_k``).
+        init: Initial weights (``init.d`` must equal ``Π d_k``).
         factors: K tensors ``[n, d_k]``.
         chunk_elems: Element budget of one block of ``W(0)`` plus its partial contraction.
 
@@ -73,12 +81,31 @@ def initial_preactivations(
     if d != init.d:
         raise ValueError(f"init.d = {init.d} but the factors give d = Π {dims} = {d}; rebuild the init")
     ref = factors[0]
-    rows = max(1, chunk_elems // (d + (d // dims[-1]) * n))
+    rows = max(1, chunk_elems // (d + (d // dims[-1]) * n) // ROW_BLOCK) * ROW_BLOCK
     out = torch.empty(init.m, n, dtype=ref.dtype, device=ref.device)
     for s in range(0, init.m, rows):
         e = min(init.m, s + rows)
         out[s:e] = preactivations(init.rows(s, e, dtype=ref.dtype, device=ref.device), factors)
     return out
+
+
+class _PhaseClock:
+    """Adds the seconds between successive :meth:`lap` calls to ``profile[phase]`` (no-op without one)."""
+
+    def __init__(self, profile: dict[str, float] | None, device: torch.device) -> None:
+        self.profile, self.device = profile, device
+        self.t = self._now() if profile is not None else 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.profile is not None:
+            t = self._now()
+            self.profile[phase] = self.profile.get(phase, 0.0) + t - self.t
+            self.t = t
 
 
 class KronSGD:
@@ -91,7 +118,11 @@ class KronSGD:
         b: Threshold ``b >= 0`` of the shifted ReLU.
         lr: Step size ``η``.
         seed: Seed of ``W(0)`` and ``a`` (:class:`SeededInit`); the dense reference built from the
-            same seed starts from identical weights.
+            same seed starts from identical weights. :meth:`from_weights` takes explicit ones.
+        path: Activated-neuron search, ``"auto"`` (default: :func:`~quicktrain.kron.search.choose_path`
+            from ``m``, ``n`` and the fraction of ``Z(0)`` above ``b``), ``"scan"``, ``"blocks"`` or
+            ``"tree"`` (the paper's structure). All paths give the same trajectory; :attr:`path` and
+            :attr:`path_reason` say which one runs and why.
         chunk_elems: Memory budget (elements) for streaming ``W(0)`` at initialisation.
 
     Example:
@@ -99,8 +130,8 @@ class KronSGD:
         >>> ds = make_teacher(32, (4, 4))
         >>> sgd = KronSGD(ds.factors, ds.y, m=64, b=0.5, lr=0.1)
         >>> out = sgd.step(torch.arange(8))
-        >>> out.pred.shape
-        torch.Size([8])
+        >>> out.pred.shape, sgd.path
+        (torch.Size([8]), 'scan')
     """
 
     def __init__(
@@ -112,34 +143,114 @@ class KronSGD:
         b: float,
         lr: float,
         seed: int = 0,
+        path: str = "auto",
         chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     ) -> None:
         factors = check_factors(factors, y)
+        check_positive("m", m, integer=True)
+        self._setup(factors, y, SeededInit(m, math.prod(f.shape[1] for f in factors), seed), b, lr, path, chunk_elems)
+
+    @classmethod
+    def from_weights(
+        cls,
+        factors: Sequence[Tensor],
+        y: Tensor,
+        W0: Tensor,  # noqa: N803 - the paper's symbol
+        a: Tensor,
+        *,
+        b: float,
+        lr: float,
+        path: str = "auto",
+        chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    ) -> KronSGD:
+        """The fast trainer started from explicit initial weights ``W(0)`` and output weights ``a``.
+
+        .. math::  Z(0) = W(0) X^\\top,\\qquad f(W, x, a) = \\frac{1}{\\sqrt m}
+                   \\sum_r a_r \\max(\\langle w_r, x\\rangle - b, 0)
+
+        Steps equal those of ``DenseSGD(KronMLP(W0, a, b), factors, y, lr=lr)``. ``W0`` is
+        contracted with the factors once (``O(m n d)``, BLAS) and then kept by reference only
+        to materialise ``W`` (:meth:`weight`, :meth:`predict_new`); the step never reads it.
+
+        Args:
+            factors: K tensors ``[n, d_k]``.
+            y: Targets ``[n]``.
+            W0: ``[m, d]`` initial hidden weights, ``d = Π d_k``, rows in ``torch.kron`` layout.
+            a: ``[m]`` output weights (the paper's are ``±1``; any finite values work).
+            b: Threshold ``b >= 0``.
+            lr: Step size ``η``.
+            path: ``"auto"``, ``"scan"``, ``"blocks"`` or ``"tree"`` (as in the constructor).
+            chunk_elems: Memory budget (elements) for streaming ``W0`` at initialisation.
+
+        Returns:
+            A :class:`KronSGD` at step 0.
+        """
+        factors = check_factors(factors, y)
+        init = ExplicitInit(W0, a)
+        d = math.prod(f.shape[1] for f in factors)
+        if init.d != d:
+            raise ValueError(
+                f"W0 has {init.d} columns but the factors give d = Π {[f.shape[1] for f in factors]} = {d}; "
+                "pass W0 of shape [m, d]"
+            )
+        self = cls.__new__(cls)
+        self._setup(factors, y, init, b, lr, path, chunk_elems)
+        return self
+
+    def _setup(
+        self,
+        factors: tuple[Tensor, ...],
+        y: Tensor,
+        init: SeededInit | ExplicitInit,
+        b: float,
+        lr: float,
+        path: str,
+        chunk_elems: int,
+    ) -> None:
         self.b = check_threshold(b)
         check_positive("lr", lr)
-        check_positive("m", m, integer=True)
         check_positive("chunk_elems", chunk_elems, integer=True)
-        self.lr, self.m = float(lr), m
+        if path != "auto" and path not in PATHS:
+            raise ValueError(f"unknown path {path!r}; choose 'auto' or one of {PATHS}")
+        self.lr, self.m, self.init = float(lr), init.m, init
         self.dims = tuple(f.shape[1] for f in factors)
-        self.init = SeededInit(m, math.prod(self.dims), seed)
         ref = factors[0]
         self.n = ref.shape[0]
         t0 = time.perf_counter()
-        self.a = self.init.signs(dtype=ref.dtype, device=ref.device)
+        self.a = init.signs(dtype=ref.dtype, device=ref.device)
         self.gram = gram_matrix(factors)
-        self.tree = AsynchronousTree(
-            initial_preactivations(self.init, factors, chunk_elems=chunk_elems), self.b
-        )
-        self.coef = torch.zeros(m, self.n, dtype=ref.dtype, device=ref.device)
+        z0 = initial_preactivations(init, factors, chunk_elems=chunk_elems)
+        self.active_fraction = float((z0 > self.b).sum()) / z0.numel()
+        auto, reason = choose_path(self.m, self.n, self.active_fraction)
+        self.path = auto if path == "auto" else path
+        self.path_reason = reason if path == "auto" else f"path={path!r} requested ({reason.split(':')[0]})"
+        self.search = make_search(self.path, z0, self.b)
+        self.coef = torch.zeros(self.m, self.n, dtype=ref.dtype, device=ref.device)
         self.y = y
         self.steps = 0
         self.init_seconds = time.perf_counter() - t0
+
+    def use_path(self, path: str) -> None:
+        """Switch the activated-neuron search to ``path`` (rebuilt from the current ``Z``, ``O(m n)``).
+
+        The trajectory does not change (all paths return the same pairs in the same order).
+        """
+        if path not in PATHS:
+            raise ValueError(f"unknown path {path!r}; choose one of {PATHS}")
+        self.search = make_search(path, self.Z, self.b)
+        self.path, self.path_reason = path, f"path={path!r} set by use_path"
+
+    def __repr__(self) -> str:
+        return (
+            f"KronSGD(m={self.m}, n={self.n}, dims={self.dims}, b={self.b:g}, lr={self.lr:g}, "
+            f"path={self.path!r}, steps={self.steps})"
+        )
 
     # ------------------------------------------------------------ properties
     @property
     def Z(self) -> Tensor:  # noqa: N802 - the paper's symbol
         """Current pre-activations ``Z_ri = ⟨w_r(t), x_i⟩``, ``[m, n]`` (view; read-only)."""
-        return self.tree.leaves
+        return self.search.leaves
 
     @property
     def device(self) -> torch.device:
@@ -152,48 +263,51 @@ class KronSGD:
         return self.gram.dtype
 
     # ------------------------------------------------------------------ step
-    def _forward(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        pos, neuron = self.tree.query(idx)
-        z = self.tree.leaves[neuron, idx[pos]]
-        pred = predictions_from_active(pos, neuron, z, self.a, self.b, idx.numel(), self.m)
-        return pred, pos, neuron
-
     @torch.no_grad()
     def predict(self, idx: Tensor) -> Tensor:
-        """Predictions ``f(W(t), x_i, a)`` on training points ``idx`` (no update), ``O(|B| k log m)``."""
+        """Predictions ``f(W(t), x_i, a)`` on training points ``idx`` (no update)."""
         idx = check_indices(idx, self.n, self.device)
-        return self._forward(idx)[0]
+        act = self.search.find(idx)
+        return predictions_from_active(act.pos, act.neuron, act.z, self.a, self.b, idx.numel(), self.m)
 
     @torch.no_grad()
-    def step(self, idx: Tensor) -> StepResult:
+    def step(self, idx: Tensor, *, profile: dict[str, float] | None = None) -> StepResult:
         """One SGD step on the batch of training points ``idx`` (no length-``d`` work).
 
         Args:
             idx: ``[B]`` indices into the training set (duplicates allowed).
+            profile: If given, seconds spent in each phase (``search``, ``forward_backward``,
+                ``update_Z``, ``refresh``, ``update_C``) are added to it (device-synchronised;
+                for benchmarks, it slows the step).
 
         Returns:
             :class:`StepResult` with predictions and loss *before* the update.
         """
+        clock = _PhaseClock(profile, self.device)
         idx = check_indices(idx, self.n, self.device)
-        # forward: only the activated neurons S_i (tree query)
-        pred, pos, neuron = self._forward(idx)
+        # search + forward: only the activated neurons S_i
+        act = self.search.find(idx)
+        clock.lap("search")
+        pred = predictions_from_active(act.pos, act.neuron, act.z, self.a, self.b, idx.numel(), self.m)
         resid = pred - self.y[idx]
         loss = squared_loss(pred, self.y[idx])
         # backward: coefficient c_ri of x_i in the update of w_r, for each active pair
-        coef = update_coefficients(resid[pos], self.a[neuron], self.lr, self.m)
-        touched, row = torch.unique(neuron, sorted=True, return_inverse=True)
-        cb = torch.zeros(touched.numel(), idx.numel(), dtype=self.dtype, device=self.device)
-        cb.index_put_((row, pos), coef, accumulate=True)  # C_B ∈ R^{|R|×|B|}
-        # Z[R, :] += C_B G[B, :] through the Gram matrix, then refresh the trees
-        self.tree.add_sorted_(touched, cb @ self.gram[idx])
-        # keep W(t) = W(0) + C X materialisable
-        self.coef.index_put_(
-            (touched[:, None].expand(-1, idx.numel()), idx[None, :].expand(touched.numel(), -1)),
-            cb,
-            accumulate=True,
-        )
+        coef = update_coefficients(resid[act.pos], self.a[act.neuron], self.lr, self.m)
+        # C_B ∈ R^{|R|×|B|}; (row, pos) pairs are distinct, duplicates of idx sit in separate columns
+        cb = torch.zeros(act.touched.numel(), idx.numel(), dtype=self.dtype, device=self.device)
+        cb[act.row, act.pos] = coef
+        clock.lap("forward_backward")
+        # Z[R, :] += C_B G[B, :] through the Gram matrix, then let the structure catch up
+        g_rows = self.gram[idx]
+        self.search.add_rows_(act.touched, cb @ g_rows)
+        clock.lap("update_Z")
+        self.search.refresh_(act.touched, cb, g_rows)
+        clock.lap("refresh")
+        # keep W(t) = W(0) + C X materialisable: C[r, idx_p] += c_rp for the P pairs only
+        self.coef.view(-1).index_add_(0, act.neuron * self.n + idx[act.pos], coef)
+        clock.lap("update_C")
         self.steps += 1
-        return StepResult(pred, loss, n_active=pos.numel(), n_touched=touched.numel())
+        return StepResult(pred, loss, n_active=act.pos.numel(), n_touched=act.touched.numel())
 
     # ------------------------------------------------------- materialisation
     def _check_train_factors(self, factors: Sequence[Tensor]) -> tuple[Tensor, ...]:
@@ -266,7 +380,7 @@ class KronSGD:
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: Z, G, C, a, y, hyper-parameters and step count."""
+        """Everything needed to resume: Z, G, C, a, y, hyper-parameters, path, init and step count."""
         return {
             "Z": self.Z.clone(),
             "gram": self.gram.clone(),
@@ -277,20 +391,22 @@ class KronSGD:
             "lr": self.lr,
             "m": self.m,
             "dims": self.dims,
-            "seed": self.init.seed,
+            "init": self.init,
+            "path": self.path,
             "steps": self.steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (shapes must match this trainer)."""
+        """Restore a :meth:`state_dict` (shapes must match this trainer; the saved path is kept)."""
         if tuple(state["dims"]) != self.dims or state["m"] != self.m or state["Z"].shape != self.Z.shape:
             raise ValueError(
                 "state_dict was saved by a trainer with different m/dims/n; build a matching one"
             )
         self.b, self.lr, self.steps = float(state["b"]), float(state["lr"]), int(state["steps"])
-        self.init = SeededInit(self.m, self.init.d, int(state["seed"]))
+        self.init, self.path = state["init"], state["path"]
+        self.path_reason = f"path={self.path!r} restored from a state_dict"
         self.gram = state["gram"].to(self.device, self.dtype)
-        self.coef = state["coef"].to(self.device, self.dtype)
+        self.coef = state["coef"].to(self.device, self.dtype, copy=True)
         self.a = state["a"].to(self.device, self.dtype)
         self.y = state["y"].to(self.device, self.dtype)
-        self.tree = AsynchronousTree(state["Z"].to(self.device, self.dtype), self.b)
+        self.search = make_search(self.path, state["Z"].to(self.device, self.dtype), self.b)

@@ -71,8 +71,8 @@ class AsynchronousTree:
         return self.T[self.P : self.P + self.m]
 
     # ---------------------------------------------------------------- update
-    def _refresh(self, leaf_nodes: Tensor) -> None:
-        """Recompute the ancestors of sorted unique ``leaf_nodes`` in all ``n`` trees."""
+    def refresh_(self, leaf_nodes: Tensor) -> None:
+        """Recompute the ancestors of sorted unique ``leaf_nodes`` (node ids ``P + r``) in all ``n`` trees."""
         nodes = leaf_nodes
         for _ in range(self.levels):
             nodes = torch.unique_consecutive(nodes // 2)
@@ -117,14 +117,19 @@ class AsynchronousTree:
         if neurons.numel():
             leaf = neurons + self.P
             self.T[leaf] = values.to(self.T.dtype)
-            self._refresh(leaf)
+            self.refresh_(leaf)
 
-    def add_sorted_(self, neurons: Tensor, delta: Tensor) -> None:
-        """Unchecked :meth:`add_` for sorted unique int64 ``neurons`` (the trainer's hot path)."""
+    def add_sorted_(self, neurons: Tensor, delta: Tensor, *, refresh: bool = True) -> None:
+        """Unchecked :meth:`add_` for sorted unique int64 ``neurons`` (the trainer's hot path).
+
+        With ``refresh=False`` only the leaves change; call :meth:`refresh_` on the same leaves
+        before the next query (lets a caller time the two terms apart).
+        """
         if neurons.numel():
             leaf = neurons + self.P
             self.T.index_add_(0, leaf, delta.to(self.T.dtype))
-            self._refresh(leaf)
+            if refresh:
+                self.refresh_(leaf)
 
     # ----------------------------------------------------------------- query
     def query(self, points: Tensor) -> tuple[Tensor, Tensor]:

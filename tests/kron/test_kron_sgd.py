@@ -49,10 +49,11 @@ def _run_and_compare(case, dtype, device="cpu"):
         _assert_rel(out_f.pred, out_d.pred, **tol)
         _assert_rel(out_f.loss, out_d.loss, **tol)
         _assert_rel(fast.weight(ds.factors), dense.model.weight.detach(), **tol)
-        # the tree still answers exactly like a scan of its leaves
+        # the search still reports exactly the entries of Z above b
         everyone = torch.arange(case["n"], device=device)
-        for got, ref in zip(fast.tree.query(everyone), fast.tree.query_brute(everyone), strict=True):
-            assert torch.equal(got, ref)
+        act = fast.search.find(everyone)
+        pos, neuron = torch.nonzero(fast.Z[:, everyone].T > case["b"], as_tuple=True)
+        assert torch.equal(act.pos, pos) and torch.equal(act.neuron, neuron)
     # the maintained pre-activations are the dense ones after training
     _assert_rel(fast.Z, dense.model.weight.detach() @ x.T, **tol)
     return ds, fast, dense
@@ -126,7 +127,7 @@ def test_state_has_no_d_dependence():
         fast = KronSGD(ds.factors, ds.y, m=50, b=0.5, lr=0.1)
         fast.step(torch.arange(5))
         tensors = {k: v for k, v in vars(fast).items() if isinstance(v, torch.Tensor)}
-        tensors["tree"] = fast.tree.T
+        tensors["Z"] = fast.Z
         assert not any(math.prod(dims) in t.shape for t in tensors.values())
         sizes.append({k: tuple(v.shape) for k, v in tensors.items()})
     assert sizes[0] == sizes[1]
@@ -143,17 +144,17 @@ def test_active_counts_at_init_match_gaussian_tail(b):
     p = 0.5 * math.erfc(b / math.sqrt(2))
     ds = make_teacher(n, (10, 10), seed=3)
     fast = KronSGD(ds.factors, ds.y, m=m, b=b, lr=0.1, seed=4)
-    counts = fast.tree.active_counts()
+    counts = (fast.Z > b).sum(dim=0)
     # each point: exact binomial marginal; Bonferroni over n points at family-wise alpha ~ 1e-6 -> |z| < 6.1
     assert max(_z_test(c, m, p) for c in counts.tolist()) < 6.1
     # orthonormal inputs (x_i = e_a ⊗ e_c) make the points independent: pooled count ~ Binomial(n m, p)
     eye = torch.eye(8, dtype=torch.float64)
     a_idx, c_idx = torch.arange(64) // 8, torch.arange(64) % 8
     ortho = KronSGD((eye[a_idx], eye[c_idx]), torch.zeros(64, dtype=torch.float64), m=m, b=b, lr=0.1, seed=5)
-    pooled = int(ortho.tree.active_counts().sum())
+    pooled = int((ortho.Z > b).sum())
     assert _z_test(pooled, 64 * m, p) < 5.0
-    # the tree reports the same sets as the leaf scan
-    pos, _ = ortho.tree.query(torch.arange(64))
+    # the search reports the same sets as the count
+    pos = ortho.search.find(torch.arange(64)).pos
     assert pos.numel() == pooled
 
 
