@@ -10,9 +10,9 @@ from pathlib import Path
 from . import bench, data, models, report
 from .boost import cli as boost_cli
 from .compose import build_hooks
+from .curvature_apps import cli as curvature_apps_cli
 from .ghn import cli as ghn_cli
 from .kron import cli as kron_cli
-from .precond import cli as precond_cli
 from .train import TrainConfig, fit, load_recipe
 
 
@@ -144,7 +144,7 @@ def get_args_parser(train_defaults: dict | None = None) -> argparse.ArgumentPars
     boost_cli.add_subparser(sub)
     ghn_cli.add_subparser(sub)
     kron_cli.add_subparser(sub)
-    precond_cli.add_subparser(sub)
+    curvature_apps_cli.add_subparser(sub)
     bench.add_subparser(sub)
     return parser
 

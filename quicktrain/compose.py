@@ -21,9 +21,9 @@ def build_hooks(config: TrainConfig) -> Hooks:
     if config.boost:
         hooks.transforms.append(_boost_transform(config))
     if config.consolidate is not None:  # after --precond: the EWC penalty's gradient is preconditioned too
-        from . import precond
+        from . import curvature_apps
 
-        hooks.init, hooks.gradients = precond.consolidation_hooks(
+        hooks.init, hooks.gradients = curvature_apps.consolidation_hooks(
             config.consolidate,
             strength=config.consolidate_strength,
             representation=config.consolidate_curvature,

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "as_matrix",
     "cg_solve",
     "damped_cholesky",
     "kron_damping",
@@ -355,3 +356,10 @@ def damped_cholesky(m: Tensor, damping: float) -> Tensor:
         s, u = _clamped_eigh(damped.reshape(-1, *m.shape[-2:]), damping, (info != 0).reshape(-1))
         chol = torch.linalg.cholesky((u * s.unsqueeze(-2)) @ u.transpose(-1, -2)).reshape(m.shape)
     return chol.to(m.dtype)
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    """``[dim0, prod(rest)]`` view (a scalar or vector becomes ``[d, 1]``)."""
+    if t.dim() <= 1:
+        return t.reshape(-1, 1)
+    return t.reshape(t.shape[0], -1)

@@ -13,7 +13,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from quicktrain import precond
 from quicktrain.precond.curvature import output_sqrt
-from quicktrain.precond.ekfac import EigenCorrectedKron
+from quicktrain.precond.representations import EigenCorrectedKron
 
 LAM = 0.1
 
@@ -152,7 +152,7 @@ def test_kfac_update_equals_dense_kronecker_solve():
 ])
 @pytest.mark.parametrize("bias", [True, False])
 def test_conv_patches_equal_unfold_for_any_stride_dilation_padding_and_groups(conv, bias):
-    from quicktrain.precond.stats import _kron_input
+    from quicktrain.precond.capture import _kron_input
 
     layer = nn.Conv2d(4, 8, bias=bias, **conv).double()
     x = torch.randn(2, 4, 9, 8, dtype=torch.float64)

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from quicktrain.precond.curvature import loss_hessian_vp, loss_kind
-from quicktrain.precond.maker import register
-from quicktrain.precond.newton import GraphMaker
-from quicktrain.precond.stats import all_reduce_mean
+from quicktrain.precond.distributed import all_reduce_mean
+from quicktrain.precond.makers import GraphMaker
+from quicktrain.precond.registry import register
 
 __all__ = ["CurveBallGradients", "curveball_coefficients"]
 

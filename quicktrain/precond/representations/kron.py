@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from quicktrain.precond._math import (
     damped_cholesky_inverse,
@@ -25,18 +25,64 @@ from quicktrain.precond._math import (
     kron_damping,
     smw_solve,
 )
-from quicktrain.precond.representation import Representation, ema, require_finite
-from quicktrain.precond.stats import (
-    LayerBatch,
-    all_gather_rows,
-    all_reduce_mean,
-    kron_grad_matrix,
-    kron_sandwich_grad,
-    kron_set_grad,
-)
+from quicktrain.precond.capture import LayerBatch
+from quicktrain.precond.distributed import all_gather_rows, all_reduce_mean
+from quicktrain.precond.representations.base import Representation, ema, require_finite
 
-__all__ = ["KronEmbedding", "KronFactored", "SmwKronFactored"]
+__all__ = ["KronEmbedding", "KronFactored", "SmwKronFactored", "kron_grad_matrix", "kron_sandwich_grad",
+           "kron_set_grad"]
 
+# ------------------------------------------------------------------ gradient layout of a Kronecker layer
+def kron_grad_matrix(module: nn.Module, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Weight (and bias column) of a Linear/Conv2d as ``[groups, d_out, d_in(+1)]``."""
+    groups = getattr(module, "groups", 1)
+    w = weight.reshape(groups, weight.shape[0] // groups, -1)
+    if bias is not None:
+        w = torch.cat([w, bias.reshape(groups, -1, 1)], dim=-1)
+    return w
+
+
+def kron_sandwich_grad(module: nn.Module, left: Tensor, right: Tensor, bias: str = "augment") -> None:
+    """Replace the gradient of a Linear/Conv2d by its Kronecker-preconditioned version (per group).
+
+    ``bias="augment"``: ``right`` is ``[d+1, d+1]`` over the input with a constant 1 appended and
+    ``[∇W, ∇b] ← left [∇W, ∇b] right``, computed in blocks, ``[∇W R_ww + ∇b R_bw, ∇W R_wb + ∇b R_bb]``, so that
+    the gradient is not concatenated nor the result split and copied. ``bias="separate"`` (or no bias):
+    ``∇W ← left ∇W right`` and ``∇b ← left ∇b`` (the bias's input factor is the constant 1).
+
+    Args:
+        module: the layer, with ``weight.grad`` (and ``bias.grad``) set.
+        left: ``[groups, d_out, d_out]``.
+        right: ``[groups, d_in(+1), d_in(+1)]``.
+        bias: ``augment`` or ``separate``.
+    """
+    w = module.weight
+    wg = kron_grad_matrix(module, w.grad, None)  # [groups, d_out, d]: a view
+    if wg.shape[0] == 1:  # one group: 2-D products, faster than batched ones on CPU
+        left, right, wg = left[0], right[0], wg[0]
+    bg = None if module.bias is None else module.bias.grad.reshape(*wg.shape[:-1], 1)
+    d = wg.shape[-1]
+    if bg is None or bias == "separate":
+        w.grad = (left @ wg @ right).reshape(w.shape)
+        if bg is not None:
+            module.bias.grad = (left @ bg).reshape(module.bias.shape)
+        return
+    mid_w = wg @ right[..., :d, :d] + bg @ right[..., d:, :d]
+    mid_b = wg @ right[..., :d, d:] + bg * right[..., d:, d:]
+    w.grad = (left @ mid_w).reshape(w.shape)
+    module.bias.grad = (left @ mid_b).reshape(module.bias.shape)
+
+
+def kron_set_grad(module: nn.Module, mat: Tensor) -> None:
+    """Write ``[groups, d_out, d_in(+1)]`` back into ``weight.grad`` (and ``bias.grad``)."""
+    w = module.weight
+    if module.bias is not None:
+        module.bias.grad = mat[..., -1].reshape(module.bias.shape).contiguous()
+        mat = mat[..., :-1]
+    w.grad = mat.reshape(w.shape).contiguous()
+
+
+# ------------------------------------------------------------------------------------ representations
 _SOLVERS = {"cholesky": damped_cholesky_inverse, "eigen": damped_eigh_inverse}
 
 

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn import functional as F  # noqa: N812
@@ -34,13 +33,8 @@ __all__ = [
     "SUPPORTED_TYPES",
     "LayerBatch",
     "LayerCapture",
-    "all_gather_rows",
-    "all_reduce_mean",
     "check_module",
-    "kron_grad_matrix",
     "kron_output",
-    "kron_sandwich_grad",
-    "kron_set_grad",
 ]
 
 KRON_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
@@ -228,55 +222,6 @@ def kron_output(module: nn.Module, t: Tensor) -> Tensor:
     return t.reshape(n, module.groups, c // module.groups, -1).permute(0, 3, 1, 2)
 
 
-def kron_grad_matrix(module: nn.Module, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Weight (and bias column) of a Linear/Conv2d as ``[groups, d_out, d_in(+1)]``."""
-    groups = getattr(module, "groups", 1)
-    w = weight.reshape(groups, weight.shape[0] // groups, -1)
-    if bias is not None:
-        w = torch.cat([w, bias.reshape(groups, -1, 1)], dim=-1)
-    return w
-
-
-def kron_sandwich_grad(module: nn.Module, left: Tensor, right: Tensor, bias: str = "augment") -> None:
-    """Replace the gradient of a Linear/Conv2d by its Kronecker-preconditioned version (per group).
-
-    ``bias="augment"``: ``right`` is ``[d+1, d+1]`` over the input with a constant 1 appended and
-    ``[∇W, ∇b] ← left [∇W, ∇b] right``, computed in blocks, ``[∇W R_ww + ∇b R_bw, ∇W R_wb + ∇b R_bb]``, so that
-    the gradient is not concatenated nor the result split and copied. ``bias="separate"`` (or no bias):
-    ``∇W ← left ∇W right`` and ``∇b ← left ∇b`` (the bias's input factor is the constant 1).
-
-    Args:
-        module: the layer, with ``weight.grad`` (and ``bias.grad``) set.
-        left: ``[groups, d_out, d_out]``.
-        right: ``[groups, d_in(+1), d_in(+1)]``.
-        bias: ``augment`` or ``separate``.
-    """
-    w = module.weight
-    wg = kron_grad_matrix(module, w.grad, None)  # [groups, d_out, d]: a view
-    if wg.shape[0] == 1:  # one group: 2-D products, faster than batched ones on CPU
-        left, right, wg = left[0], right[0], wg[0]
-    bg = None if module.bias is None else module.bias.grad.reshape(*wg.shape[:-1], 1)
-    d = wg.shape[-1]
-    if bg is None or bias == "separate":
-        w.grad = (left @ wg @ right).reshape(w.shape)
-        if bg is not None:
-            module.bias.grad = (left @ bg).reshape(module.bias.shape)
-        return
-    mid_w = wg @ right[..., :d, :d] + bg @ right[..., d:, :d]
-    mid_b = wg @ right[..., :d, d:] + bg * right[..., d:, d:]
-    w.grad = (left @ mid_w).reshape(w.shape)
-    module.bias.grad = (left @ mid_b).reshape(module.bias.shape)
-
-
-def kron_set_grad(module: nn.Module, mat: Tensor) -> None:
-    """Write ``[groups, d_out, d_in(+1)]`` back into ``weight.grad`` (and ``bias.grad``)."""
-    w = module.weight
-    if module.bias is not None:
-        module.bias.grad = mat[..., -1].reshape(module.bias.shape).contiguous()
-        mat = mat[..., :-1]
-    w.grad = mat.reshape(w.shape).contiguous()
-
-
 def _norm_xhat(module: nn.Module, x: Tensor) -> Tensor:
     """Normalised input ``x̂`` of a norm layer laid out as ``[N, U, P]`` (units, positions)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -394,30 +339,3 @@ class LayerBatch:
                     i += 1
             return out
         raise TypeError(f"no per-example gradients for {type(m).__name__}")
-
-
-# -------------------------------------------------------------------------------------- distributed
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_mean(t: Tensor) -> Tensor:
-    """Average ``t`` over ranks in place when ``torch.distributed`` is initialised; returns ``t``."""
-    if _distributed():
-        buf = t if t.is_contiguous() else t.contiguous()  # collectives need dense storage
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        buf /= dist.get_world_size()
-        if buf is not t:
-            t.copy_(buf)
-    return t
-
-
-def all_gather_rows(t: Tensor) -> Tensor:
-    """Concatenate the rows ``[K, ...]`` of every rank (same shape on every rank), scaled by
-    ``1/√world`` so that ``Σ rows rowsᵀ`` is the rank average."""
-    if not _distributed():
-        return t
-    world = dist.get_world_size()
-    out = t.new_empty(world * t.shape[0], *t.shape[1:])
-    dist.all_gather_into_tensor(out, t.contiguous())
-    return out / math.sqrt(world)

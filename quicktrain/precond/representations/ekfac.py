@@ -19,8 +19,10 @@ import torch
 from torch import Tensor
 
 from quicktrain.precond._math import eigh_float64, kfac_factors, kron_per_example
-from quicktrain.precond.representation import Representation, ema
-from quicktrain.precond.stats import LayerBatch, all_reduce_mean, kron_grad_matrix, kron_set_grad
+from quicktrain.precond.capture import LayerBatch
+from quicktrain.precond.distributed import all_reduce_mean
+from quicktrain.precond.representations.base import Representation, ema
+from quicktrain.precond.representations.kron import kron_grad_matrix, kron_set_grad
 
 __all__ = ["EigenCorrectedKron", "ekfac_scales"]
 

@@ -23,31 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from quicktrain.precond.maker import _check_method, _ignored, check_common, due, register
-from quicktrain.precond.representation import ema, first_nonfinite
+from quicktrain.precond.makers import check_common, check_method, due, trainable_params
+from quicktrain.precond.registry import register
+from quicktrain.precond.representations import ema, first_nonfinite
 from quicktrain.train.hooks import unwrap
 
-__all__ = ["ShampooGradients", "as_matrix", "trainable_params"]
-
-
-def trainable_params(model: nn.Module, ignore: Iterable[Any]) -> dict[str, nn.Parameter]:
-    """Trainable parameters by name, without those of ignored modules."""
-    ignore = list(ignore)
-    out = {}
-    for mname, module in model.named_modules():
-        if _ignored(mname, module, ignore):
-            continue
-        for pname, p in module.named_parameters(recurse=False):
-            if p.requires_grad:
-                out[f"{mname}.{pname}" if mname else pname] = p
-    return out
-
-
-def as_matrix(t: Tensor) -> Tensor:
-    """``[dim0, prod(rest)]`` view (a scalar or vector becomes ``[d, 1]``)."""
-    if t.dim() <= 1:
-        return t.reshape(-1, 1)
-    return t.reshape(t.shape[0], -1)
+__all__ = ["ShampooGradients"]
 
 
 class ShampooGradients:
@@ -142,7 +123,7 @@ class ShampooGradients:
         return {"method": "shampoo", "step": self.step, "stats": self.stats, "roots": self.roots}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_method(state, "shampoo")
+        check_method(state, "shampoo")
         self.step = int(state["step"])
         dev = {n: p.device for n, p in self.params.items()}
         self.stats = {n: {k: v.to(dev[n]) for k, v in d.items()} for n, d in state["stats"].items()}

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from quicktrain.precond.maker import RngState, _check_method, check_common, due, register
-from quicktrain.precond.shampoo import as_matrix, trainable_params
-from quicktrain.precond.stats import all_reduce_mean
+from quicktrain.precond._math import as_matrix
+from quicktrain.precond.distributed import all_reduce_mean
+from quicktrain.precond.makers import RngState, check_common, check_method, due, trainable_params
+from quicktrain.precond.registry import register
 from quicktrain.train.hooks import unwrap
 
 __all__ = ["PsgdGradients", "psgd_kron_update"]
@@ -145,7 +146,7 @@ class PsgdGradients:
                 "rng": self.rng.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_method(state, "psgd")
+        check_method(state, "psgd")
         self.step = int(state["step"])
         dev = {n: p.device for n, p in self.params.items()}
         for key in ("ql", "qr", "pl", "pr"):
