@@ -11,13 +11,20 @@ representations need (Kronecker inputs/gradients, per-example gradients).
 
 Supported module types: ``nn.Linear`` (any leading dims: extra dims are weight-sharing positions),
 ``nn.Conv2d`` (zeros padding, any stride/dilation/groups), ``nn.Embedding`` (no ``max_norm``, not sparse, no
-``scale_grad_by_freq``), ``nn.BatchNorm1d/2d/3d``, ``nn.LayerNorm``, ``nn.GroupNorm``.
+``scale_grad_by_freq``), ``nn.BatchNorm1d/2d/3d``, ``nn.LayerNorm``, ``nn.GroupNorm``, and
+``nn.MultiheadAttention`` as two weight-shared linear layers (:class:`AttentionProjection`).
+
+``nn.MultiheadAttention`` never calls its ``out_proj`` module and keeps the input projection as bare
+parameters: both are applied by ``F.linear`` inside ``F.multi_head_attention_forward``. While the attention
+module runs, ``torch.nn.functional.linear`` is wrapped so that those two calls (recognised by their weight) are
+recorded as the calls of two linear layers over the tokens, laid out batch first. (A ``TorchFunctionMode`` cannot
+do it: it sees ``multi_head_attention_forward`` itself and runs its body with the mode switched off.)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +35,8 @@ from torch.nn import functional as F  # noqa: N812
 from quicktrain.precond._math import kron_per_example
 
 __all__ = [
+    "ATTENTION_TYPES",
+    "AttentionProjection",
     "KRON_TYPES",
     "NORM_TYPES",
     "SUPPORTED_TYPES",
@@ -41,6 +50,39 @@ KRON_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 SUPPORTED_TYPES = (*KRON_TYPES, nn.Embedding, *NORM_TYPES)
+ATTENTION_TYPES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+
+
+class AttentionProjection(nn.Linear):
+    """One projection of an ``nn.MultiheadAttention`` as a linear layer over its tokens, sharing the attention's
+    parameters (``in_proj``: ``in_proj_weight``/``in_proj_bias``, ``[3E, E]``; ``out_proj``: ``out_proj``'s).
+
+    It is not part of the model and is never called: :class:`LayerCapture` records the attention's own
+    ``F.linear`` calls under it. Representations treat it as any ``nn.Linear`` whose leading dimensions (the
+    tokens) are weight-sharing positions.
+
+    Args:
+        attention: the attention module (self-attention with packed projections, no ``bias_k``/``add_zero_attn``).
+        which: ``in_proj`` or ``out_proj``.
+    """
+
+    def __init__(self, attention: nn.MultiheadAttention, which: str) -> None:
+        weight, bias = ((attention.in_proj_weight, attention.in_proj_bias) if which == "in_proj"
+                        else (attention.out_proj.weight, attention.out_proj.bias))
+        super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        self.weight, self.bias = weight, bias
+        self.which = which
+        object.__setattr__(self, "attention", attention)  # a reference, not a child: the model owns it
+
+
+def check_attention(name: str, module: nn.MultiheadAttention) -> None:
+    """Raise ``ValueError`` naming the fix for attention options the projections' statistics do not model."""
+    if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
+        raise ValueError(f"MultiheadAttention {name!r}: only packed projections (kdim = vdim = embed_dim) without "
+                         "add_bias_kv/add_zero_attn are supported; pass ignore_modules=[...] for it")
+    trainable = {p.requires_grad for p in module.parameters()}
+    if len(trainable) > 1:
+        raise ValueError(f"MultiheadAttention {name!r} has trainable and frozen parameters; freeze all or none")
 
 
 def check_module(name: str, module: nn.Module) -> None:
@@ -63,6 +105,10 @@ def check_module(name: str, module: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------ capture
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
 @dataclass
 class _Call:
     input: Tensor
@@ -70,13 +116,41 @@ class _Call:
     edge: GradientEdge | None = None
     like: tuple[torch.Size, torch.dtype, torch.device] | None = None
     grads: list[Tensor] = field(default_factory=list)
+    layout: Callable[[Tensor], Tensor] = _identity  # output-shaped tensor -> batch-first view
 
     def add_grad(self, g: Tensor | None) -> None:
         """Record one backward pass's gradient at the output (zeros where the output got none)."""
         if g is None:
             shape, dtype, device = self.like
             g = torch.zeros(shape, dtype=dtype, device=device)
-        self.grads.append(g.detach())
+        self.grads.append(self.layout(g.detach()))
+
+
+class _ProjectionCalls:
+    """While entered, ``F.linear`` records its calls whose weight is a watched attention projection's."""
+
+    def __init__(self, capture: LayerCapture, by_weight: dict[int, str], tokens: int, batch: int) -> None:
+        self.capture, self.by_weight, self.tokens, self.batch = capture, by_weight, tokens, batch
+        self.linear = F.linear
+
+    def __call__(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:  # noqa: A002
+        out = self.linear(input, weight, bias)
+        name = self.by_weight.get(id(weight))
+        if name is not None:
+            tokens, batch = self.tokens, self.batch
+
+            def layout(t: Tensor) -> Tensor:
+                # inputs are [L, N, E] (in_proj) or [L·N, E] (out_proj): both viewed as [N, L, ·]
+                return t.reshape(tokens, batch, t.shape[-1]).transpose(0, 1)
+
+            self.capture._record(name, input, out, layout)
+        return out
+
+    def __enter__(self) -> None:
+        F.linear = self
+
+    def __exit__(self, *exc: object) -> None:
+        F.linear = self.linear
 
 
 class LayerCapture:
@@ -97,13 +171,26 @@ class LayerCapture:
         self.calls: dict[str, list[_Call]] = {name: [] for name in modules}
         self._handles: list = []
         self._node_hooks_record = True  # off while backward_to_outputs records from its own results
+        self._modes: list[tuple[nn.Module, _ProjectionCalls]] = []
 
     def __enter__(self) -> LayerCapture:
+        projections: dict[int, dict[int, str]] = {}
+        owners: dict[int, nn.Module] = {}
         for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+            if isinstance(module, AttentionProjection):
+                owners[id(module.attention)] = module.attention
+                projections.setdefault(id(module.attention), {})[id(module.weight)] = name
+            else:
+                self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+        for key, attention in owners.items():
+            self._handles.append(attention.register_forward_pre_hook(self._attention_enter(projections[key]),
+                                                                     with_kwargs=True))
+            self._handles.append(attention.register_forward_hook(self._attention_exit, always_call=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
+        while self._modes:  # an exception inside an attention module's forward
+            self._modes.pop()[1].__exit__()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -114,22 +201,47 @@ class LayerCapture:
                 return
             if not isinstance(out, Tensor):
                 raise TypeError(f"module {name!r} returned {type(out).__name__}; only tensor outputs are supported")
-            call = _Call(args[0].detach(), out.detach() if self.keep_outputs else None)
-            self.calls[name].append(call)
-            node = out.grad_fn
-            if node is None:
-                return
-            call.edge = get_gradient_edge(out)
-            call.like = (out.shape, out.dtype, out.device)
-            nr = out.output_nr
-
-            def prehook(grad_outputs: tuple[Tensor | None, ...]) -> None:
-                if self._node_hooks_record:
-                    call.add_grad(grad_outputs[nr])
-
-            self._handles.append(node.register_prehook(prehook))
+            self._record(name, args[0], out)
 
         return hook
+
+    def _record(self, name: str, x: Tensor, out: Tensor, layout: Callable[[Tensor], Tensor] = _identity) -> None:
+        """One call of module ``name``: its input, and a hook on the node of its output for the gradients."""
+        call = _Call(layout(x.detach()), layout(out.detach()) if self.keep_outputs else None, layout=layout)
+        self.calls[name].append(call)
+        node = out.grad_fn
+        if node is None:
+            return
+        call.edge = get_gradient_edge(out)
+        call.like = (out.shape, out.dtype, out.device)
+        nr = out.output_nr
+
+        def prehook(grad_outputs: tuple[Tensor | None, ...]) -> None:
+            if self._node_hooks_record:
+                call.add_grad(grad_outputs[nr])
+
+        self._handles.append(node.register_prehook(prehook))
+
+    def _attention_enter(self, by_weight: dict[int, str]):
+        def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> None:
+            if not torch.is_grad_enabled():
+                return
+            names = ("query", "key", "value")
+            qkv = [args[i] if i < len(args) else kwargs.get(names[i]) for i in range(3)]
+            if not (qkv[0] is qkv[1] is qkv[2]) or qkv[0].dim() != 3:
+                raise ValueError("MultiheadAttention: curvature statistics need batched self-attention, "
+                                 "attn(x, x, x) with x of 3 dims; pass ignore_modules=[...] for cross-attention")
+            x = qkv[0]
+            batch, tokens = (x.shape[0], x.shape[1]) if module.batch_first else (x.shape[1], x.shape[0])
+            calls = _ProjectionCalls(self, by_weight, tokens, batch)
+            calls.__enter__()
+            self._modes.append((module, calls))
+
+        return hook
+
+    def _attention_exit(self, module: nn.Module, args: tuple, out: object) -> None:
+        if self._modes and self._modes[-1][0] is module:
+            self._modes.pop()[1].__exit__()
 
     def backward_to_outputs(self, root: Tensor, vectors: Sequence[Tensor | None]) -> None:
         """One extra backward pass per vector, from ``root`` down to the recorded module outputs only.

@@ -21,12 +21,14 @@ no label smoothing; logits ``[N, C]`` or ``[N, C, *]`` where every position is a
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from enum import StrEnum
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
     "FisherType",
@@ -39,6 +41,7 @@ __all__ = [
     "hutchinson_trace",
     "loss_hessian_vp",
     "loss_kind",
+    "math_attention",
     "n_examples",
     "output_sqrt",
     "parse_fisher_type",
@@ -256,6 +259,13 @@ class GraphCurvature:
         return flatten(hv)
 
 
+def math_attention() -> contextlib.AbstractContextManager:
+    """Context in which ``F.scaled_dot_product_attention`` (also inside ``nn.MultiheadAttention``) uses its math
+    kernel: the only one whose backward is itself differentiable, as double-backward products need (the flash
+    and memory-efficient kernels have no double backward)."""
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def forward_keep_buffers(model: nn.Module, inputs: Tensor) -> Tensor:
     """``model(inputs)`` run on copies of the buffers, so BatchNorm running statistics stay unchanged."""
     buffers = {name: b.clone() for name, b in model.named_buffers()}
@@ -267,7 +277,8 @@ def forward_keep_buffers(model: nn.Module, inputs: Tensor) -> Tensor:
 def _problem(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor,
              params: Sequence[Tensor] | None) -> GraphCurvature:
     ps = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
-    logits = forward_keep_buffers(model, inputs)
+    with math_attention():
+        logits = forward_keep_buffers(model, inputs)
     return GraphCurvature(ps, logits, loss_fn(logits, targets), loss_fn, targets)
 
 
@@ -329,7 +340,8 @@ def hessian_vp(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Te
         ``[P]``.
     """
     ps = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
-    logits = forward_keep_buffers(model, inputs)
+    with math_attention():
+        logits = forward_keep_buffers(model, inputs)
     loss = loss_fn(logits, targets)
     return GraphCurvature(ps, logits, loss, loss_fn, targets).hessian_vp(vec)
 
@@ -343,7 +355,8 @@ def _matvec(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tenso
         raise ValueError(f"Unknown curvature {curvature!r}; choose from {sorted(_MATVECS)}")
     if curvature == "hessian":
         ps = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
-        logits = forward_keep_buffers(model, inputs)
+        with math_attention():
+            logits = forward_keep_buffers(model, inputs)
         prob = GraphCurvature(ps, logits, loss_fn(logits, targets), loss_fn, targets)
     else:
         prob = _problem(model, loss_fn, inputs, targets, params)

@@ -15,11 +15,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from quicktrain.precond.capture import KRON_TYPES, NORM_TYPES, SUPPORTED_TYPES, LayerBatch, LayerCapture, check_module
+from quicktrain.precond.capture import (
+    ATTENTION_TYPES,
+    KRON_TYPES,
+    NORM_TYPES,
+    SUPPORTED_TYPES,
+    AttentionProjection,
+    LayerBatch,
+    LayerCapture,
+    check_attention,
+    check_module,
+)
 from quicktrain.precond.curvature import (
     FisherType,
     GraphCurvature,
     loss_kind,
+    math_attention,
     n_examples,
     output_sqrt,
     parse_fisher_type,
@@ -37,6 +48,7 @@ __all__ = [
     "RngState",
     "check_common",
     "check_method",
+    "check_unsupported",
     "due",
     "no_ema",
     "select_modules",
@@ -94,9 +106,21 @@ def _ignored(name: str, module: nn.Module, ignore: Iterable[Any]) -> bool:
     return False
 
 
+def check_unsupported(unsupported: str) -> None:
+    """Raise ``ValueError`` unless ``unsupported`` is ``error`` or ``identity``."""
+    if unsupported not in ("error", "identity"):
+        raise ValueError(f"Unknown unsupported={unsupported!r}; choose from ['error', 'identity']")
+
+
 def select_modules(model: nn.Module, types: Iterable[type[nn.Module]], ignore: Iterable[Any] = (),
                    unsupported: str = "error", method: str = "") -> dict[str, nn.Module]:
     """Modules with trainable parameters that the method preconditions, by name.
+
+    An ``nn.MultiheadAttention`` becomes two entries when the method has a representation for ``nn.Linear``:
+    ``NAME.in_proj`` and ``NAME.out_proj``, :class:`~quicktrain.precond.capture.AttentionProjection` s (linear
+    layers over the tokens sharing the attention's parameters). Parameters that a container module holds
+    beside its children (a class token, positional embeddings on the root model) have no layer structure to
+    model; they keep the plain gradient of the loss, whatever ``unsupported`` says.
 
     Args:
         model: the (unwrapped) model.
@@ -110,19 +134,24 @@ def select_modules(model: nn.Module, types: Iterable[type[nn.Module]], ignore: I
     Returns:
         ``{name: module}`` in model order.
     """
-    if unsupported not in ("error", "identity"):
-        raise ValueError(f"Unknown unsupported={unsupported!r}; choose from ['error', 'identity']")
+    check_unsupported(unsupported)
     types = tuple(types)
     ignore = list(ignore)
     out = {}
+    inside_attention: list[str] = []
     for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if not own or _ignored(name, module, ignore):
+        if not own or _ignored(name, module, ignore) or any(name.startswith(a + ".") for a in inside_attention):
             continue
-        if isinstance(module, types):
+        if isinstance(module, ATTENTION_TYPES) and nn.Linear in types:
+            check_attention(name, module)
+            inside_attention.append(name)
+            for which in ("in_proj", "out_proj"):
+                out[f"{name}.{which}"] = AttentionProjection(module, which)
+        elif isinstance(module, types):
             check_module(name, module)
             out[name] = module
-        elif unsupported == "error":
+        elif unsupported == "error" and not any(True for _ in module.children()):
             label = name or "<root>"
             raise ValueError(f"module {label!r} ({type(module).__name__}) has trainable parameters but "
                              f"{method or 'this method'} has no representation for it (supported: "
@@ -149,12 +178,14 @@ def trainable_params(model: nn.Module, ignore: Iterable[Any]) -> dict[str, nn.Pa
 # ------------------------------------------------------------------------------------------ makers
 class PlainGradients:
     """``sgd``: no preconditioning, same interface (``loss.backward()``); it has no curvature, so the common
-    options are validated and have no effect."""
+    options (``unsupported`` included) are validated and have no effect."""
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, *, damping: float = 1e-3,
                  curvature_interval: int = 1, inverse_interval: int = 1, warmup: int = 0,
-                 ema_decay: float | None = None, ignore_modules: Iterable[Any] = ()) -> None:
+                 ema_decay: float | None = None, ignore_modules: Iterable[Any] = (),
+                 unsupported: str = "error") -> None:
         check_common(damping, curvature_interval, inverse_interval, warmup, ema_decay)
+        check_unsupported(unsupported)
         self.model, self.loss_fn, self.step = model, loss_fn, 0
 
     def forward_backward(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -371,13 +402,17 @@ class CurvatureGradients:
 
 
 class GraphMaker:
-    """Shared: forward through the unwrapped model, keep the graph, average gradients over ranks."""
+    """Shared: forward through the unwrapped model (attention on the math kernel, which double backward needs),
+    keep the graph, average gradients over ranks. Every parameter is in the flat vector of the matrix-free
+    products, so ``unsupported`` is validated and has nothing to apply to."""
 
     method = ""
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, damping: float, curvature_interval: int,
-                 inverse_interval: int, warmup: int, ema_decay: float | None, ignore_modules: Iterable[Any]) -> None:
+                 inverse_interval: int, warmup: int, ema_decay: float | None, ignore_modules: Iterable[Any],
+                 unsupported: str = "error") -> None:
         check_common(damping, curvature_interval, inverse_interval, warmup, ema_decay)
+        check_unsupported(unsupported)
         if ema_decay is not None:
             raise ValueError(f"{self.method} uses the current batch's curvature only; leave ema_decay unset")
         self.curvature_interval, self.inverse_interval, self.warmup = curvature_interval, inverse_interval, warmup
@@ -389,7 +424,8 @@ class GraphMaker:
         self.step = 0
 
     def _graph(self, inputs: Tensor, targets: Tensor) -> tuple[GraphCurvature, Tensor]:
-        logits = self.model(inputs)
+        with math_attention():
+            logits = self.model(inputs)
         loss = self.loss_fn(logits, targets)
         if self._plain:
             for p, g in zip(self._plain, torch.autograd.grad(loss, self._plain, retain_graph=True,

@@ -19,15 +19,19 @@ from quicktrain.precond.representations import KronEmbedding, KronFactored, Unit
 __all__ = ["kfac", "kron_map"]
 
 
-def kron_map(solver: str = "cholesky", pi_damping: bool = True, bias: str = "augment") -> RepresentationMap:
-    """K-FAC's map: Kronecker for Linear/Conv2d and Embedding, unit-wise for normalisation layers."""
-    return type_map(partial(KronFactored, solver=solver, pi_damping=pi_damping, bias=bias),
+def kron_map(solver: str = "cholesky", pi_damping: bool = True, bias: str = "augment",
+             weight_sharing: str = "expand") -> RepresentationMap:
+    """K-FAC's map: Kronecker for Linear/Conv2d (attention projections included) and Embedding, unit-wise for
+    normalisation layers."""
+    return type_map(partial(KronFactored, solver=solver, pi_damping=pi_damping, bias=bias,
+                            weight_sharing=weight_sharing),
                      partial(KronEmbedding, pi_damping=pi_damping), UnitWise)
 
 
 @register("kfac")
 def kfac(model: nn.Module, loss_fn: nn.Module, *, solver: str = "cholesky", pi_damping: bool = True,
-         bias: str = "augment", fisher_type: str = "mc", **config: Any) -> CurvatureGradients:
+         bias: str = "augment", weight_sharing: str = "expand", fisher_type: str = "mc",
+         **config: Any) -> CurvatureGradients:
     """K-FAC (Martens & Grosse, 2015; KFC for conv): ``ΔW = (G+√λ/π I)^{-1} ∇W (A+π√λ I)^{-1}``.
 
     Args:
@@ -36,8 +40,10 @@ def kfac(model: nn.Module, loss_fn: nn.Module, *, solver: str = "cholesky", pi_d
         solver: ``cholesky`` or ``eigen`` for the damped factor inverses.
         pi_damping: split the damping between the factors by π (``False``: ``√λ`` each).
         bias: ``augment`` (bias column in ``A``) or ``separate`` (bias preconditioned by ``G`` only).
+        weight_sharing: ``expand`` (default) or ``reduce``: how tokens and conv positions enter the factors
+            (see :class:`~quicktrain.precond.representations.kron.KronFactored`).
         fisher_type: ``mc`` (default), ``emp`` or ``exact``.
         **config: common options.
     """
-    reps = kron_map(solver, pi_damping, bias)
+    reps = kron_map(solver, pi_damping, bias, weight_sharing)
     return CurvatureGradients(model, loss_fn, method="kfac", reps=reps, fisher_type=fisher_type, **config)

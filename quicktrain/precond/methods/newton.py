@@ -39,9 +39,9 @@ class NewtonGradients(GraphMaker):
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, *, damping: float = 1e-3, curvature_interval: int = 1,
                  inverse_interval: int = 1, warmup: int = 0, ema_decay: float | None = None,
-                 ignore_modules: Iterable[Any] = (), max_params: int = 5000) -> None:
+                 ignore_modules: Iterable[Any] = (), unsupported: str = "error", max_params: int = 5000) -> None:
         super().__init__(model, loss_fn, damping, curvature_interval, inverse_interval, warmup, ema_decay,
-                         ignore_modules)
+                         ignore_modules, unsupported)
         n = sum(p.numel() for p in self.params.values())
         if n > max_params:
             raise ValueError(f"newton builds the dense Hessian: {n} parameters exceed max_params={max_params}; "
@@ -104,9 +104,9 @@ class NewtonCGGradients(GraphMaker):
     def __init__(self, model: nn.Module, loss_fn: nn.Module, *, damping: float = 1e-3, curvature: str = "ggn",
                  cg_max_iters: int = 20, cg_tol: float = 1e-3, warm_start: bool = False, curvature_interval: int = 1,
                  inverse_interval: int = 1, warmup: int = 0, ema_decay: float | None = None,
-                 ignore_modules: Iterable[Any] = ()) -> None:
+                 ignore_modules: Iterable[Any] = (), unsupported: str = "error") -> None:
         super().__init__(model, loss_fn, damping, curvature_interval, inverse_interval, warmup, ema_decay,
-                         ignore_modules)
+                         ignore_modules, unsupported)
         if curvature_interval != 1 or inverse_interval != 1:
             raise ValueError("newton_cg is matrix-free: it solves with the current batch's curvature at every "
                              "step, so curvature_interval and inverse_interval must be 1")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from quicktrain.precond.makers import check_common, check_method, due, trainable_params
+from quicktrain.precond.makers import check_common, check_method, check_unsupported, due, trainable_params
 from quicktrain.precond.registry import register
 from quicktrain.precond.representations import ema, first_nonfinite
 from quicktrain.train.hooks import unwrap
@@ -43,15 +43,17 @@ class ShampooGradients:
         warmup: update both every step before this step.
         ema_decay: None sums the statistics as the paper does; a value averages them.
         ignore_modules: names/types/objects whose parameters keep the plain gradient.
+        unsupported: validated only: Shampoo preconditions a parameter of any module by its shape.
         max_dim: axes longer than this are not preconditioned.
         relative_eps: use ``ε · λ_max(L)`` instead of ``ε`` (the reference implementation's ridge).
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, *, damping: float = 1e-4,
                  curvature_interval: int = 1, inverse_interval: int = 1, warmup: int = 0,
-                 ema_decay: float | None = None, ignore_modules: Iterable[Any] = (), max_dim: int = 4096,
-                 relative_eps: bool = False) -> None:
+                 ema_decay: float | None = None, ignore_modules: Iterable[Any] = (), unsupported: str = "error",
+                 max_dim: int = 4096, relative_eps: bool = False) -> None:
         check_common(damping, curvature_interval, inverse_interval, warmup, ema_decay)
+        check_unsupported(unsupported)
         self.model, self.loss_fn = model, loss_fn
         self.damping, self.ema_decay, self.max_dim, self.relative_eps = damping, ema_decay, max_dim, relative_eps
         self.curvature_interval, self.inverse_interval, self.warmup = curvature_interval, inverse_interval, warmup

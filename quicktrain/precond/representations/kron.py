@@ -96,22 +96,34 @@ class KronFactored(Representation):
         pi_damping: split the damping by π (see :func:`~quicktrain.precond._math.kron_damping`).
         bias: ``augment`` (the bias is the last input column of ``A``, Martens & Grosse) or ``separate``
             (``A`` over the weight inputs only, bias preconditioned by ``G`` alone, as ASDL does).
+        weight_sharing: how the ``L`` positions that share the weight (tokens, conv locations) enter the
+            factors (Eschenhagen et al., "Kronecker-Factored Approximate Curvature for Modern Neural Network
+            Architectures", NeurIPS 2023, eq. 9 and 12): ``expand`` treats them as extra examples,
+            ``A = (1/N) Σ_{n,l} a_{nl} a_{nl}ᵀ``, ``G = (1/L) Σ_{k,n,l} g_{knl} g_{knl}ᵀ``; ``reduce`` first
+            averages the inputs and sums the output gradients over them, ``ā_n = (1/L) Σ_l a_{nl}``,
+            ``ĝ_{kn} = Σ_l g_{knl}``, ``A = (1/N) Σ_n ā_n ā_nᵀ``, ``G = Σ_{k,n} ĝ_{kn} ĝ_{kn}ᵀ`` (``L`` times fewer
+            rows in the Gram products; both are exact for ``L = 1``).
     """
 
     _state = ("A", "G", "A_inv", "G_inv")
 
     def __init__(self, name: str, module, solver: str = "cholesky", pi_damping: bool = True,
-                 bias: str = "augment") -> None:
+                 bias: str = "augment", weight_sharing: str = "expand") -> None:
         super().__init__(name, module)
         if solver not in _SOLVERS:
             raise ValueError(f"Unknown solver {solver!r}; choose from {sorted(_SOLVERS)}")
         if bias not in ("augment", "separate"):
             raise ValueError(f"Unknown bias={bias!r}; choose from ['augment', 'separate']")
-        self.solver, self.pi_damping = solver, pi_damping
+        if weight_sharing not in ("expand", "reduce"):
+            raise ValueError(f"Unknown weight_sharing={weight_sharing!r}; choose from ['expand', 'reduce']")
+        self.solver, self.pi_damping, self.reduce = solver, pi_damping, weight_sharing == "reduce"
         self.separate = bias == "separate" and module.bias is not None
 
     def update(self, batch: LayerBatch, decay: float) -> None:
-        fa, fg = kfac_factors(batch.kron_inputs(with_bias=not self.separate), batch.kron_grads(), batch.n)
+        a, g = batch.kron_inputs(with_bias=not self.separate), batch.kron_grads()
+        if self.reduce:
+            a, g = a.mean(1, keepdim=True), g.sum(1, keepdim=True)
+        fa, fg = kfac_factors(a, g, batch.n)
         self.A = ema(self.A, all_reduce_mean(fa), decay)
         self.G = ema(self.G, all_reduce_mean(fg), decay)
 
