@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 
-def kfac_factors(a: Tensor, g: Tensor, n: int) -> tuple[Tensor, Tensor]:
+def kfac_factors(a: Tensor, g: Tensor, n: int, g_scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """Kronecker factors of one layer from its inputs and output gradients (K-FAC, eq. 1 of Martens & Grosse).
 
     .. math::
@@ -53,12 +53,14 @@ def kfac_factors(a: Tensor, g: Tensor, n: int) -> tuple[Tensor, Tensor]:
         a: inputs ``[N, L, groups, d_in]``.
         g: output gradients ``[K*N, L, groups, d_out]`` (the K backward vectors stacked along the batch).
         n: batch size ``N`` (the normaliser of ``A``).
+        g_scale: the gradients' scale ``s`` (``g`` stands for ``s·g``): folded into ``G`` as ``s²``, so that the
+            gradients are never copied to scale them.
 
     Returns:
         ``(A, G)`` of shapes ``[groups, d_in, d_in]`` and ``[groups, d_out, d_out]``.
     """
     length = a.shape[1]
-    return _gram(a) / n, _gram(g) / length
+    return _gram(a) / n, _gram(g).mul_(g_scale**2 / length)
 
 
 def kron_per_example(a: Tensor, g: Tensor) -> Tensor:

@@ -23,8 +23,9 @@ do it: it sees ``multi_head_attention_forward`` itself and runs its body with th
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -267,7 +268,8 @@ class LayerCapture:
             self._node_hooks_record = True
 
     def batch(self, name: str, n: int, scale: float = 1.0, passes: slice = slice(None)) -> LayerBatch:
-        """The :class:`LayerBatch` of module ``name`` over the backward passes ``passes`` (scaled)."""
+        """The :class:`LayerBatch` of module ``name`` over the backward passes ``passes``, whose gradients stand
+        for ``scale`` times the recorded ones (the scale is folded into the statistics, not into copies)."""
         calls = self.calls[name]
         if not calls:
             raise RuntimeError(f"module {name!r} was not called in the forward pass; pass ignore_modules=[...] "
@@ -275,9 +277,18 @@ class LayerCapture:
         counts = {len(c.grads) for c in calls}
         if len(counts) != 1:
             raise RuntimeError(f"module {name!r}: its output received gradients in some backward passes only")
-        return LayerBatch(self.modules[name], [c.input for c in calls],
-                          [[g * scale if scale != 1.0 else g for g in c.grads[passes]] for c in calls], n,
-                          [c.output for c in calls])
+        return LayerBatch(self.modules[name], [c.input for c in calls], [c.grads[passes] for c in calls], n,
+                          [c.output for c in calls], scale)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Backward passes inside record nothing (the loss backward of a Monte-Carlo or exact Fisher step,
+        whose output gradients no statistic uses)."""
+        self._node_hooks_record = False
+        try:
+            yield
+        finally:
+            self._node_hooks_record = True
 
 
 # --------------------------------------------------------------------------------------- layer views
@@ -354,6 +365,11 @@ def _norm_grad(module: nn.Module, g: Tensor) -> Tensor:
     return g.reshape(g.shape[0], g.shape[1], -1)
 
 
+def _scaled(t: Tensor, scale: float) -> Tensor:
+    """``t *= scale`` in place on a tensor computed here (nothing when the scale is 1)."""
+    return t if scale == 1.0 else t.mul_(scale)
+
+
 def _cat(ts: list[Tensor], dim: int) -> Tensor:
     """``torch.cat`` that returns a single tensor as it is instead of copying it."""
     return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
@@ -365,14 +381,17 @@ class LayerBatch:
     Args:
         module: the module.
         inputs: its input per forward call.
-        grads: ``grads[call][k]``: output gradient of backward vector ``k`` (already scaled).
+        grads: ``grads[call][k]``: output gradient of backward vector ``k``, as recorded.
         n: batch size ``N``.
         outputs: outputs per call (or Nones).
+        scale: the statistics' gradients are ``scale · grads`` (``√N`` for the empirical Fisher from the
+            mean loss's backward). :meth:`kron_grads` and :meth:`embedding_grads` return the recorded
+            gradients, which their users scale in the (smaller) statistic; the per-example views are scaled.
     """
 
     def __init__(self, module: nn.Module, inputs: list[Tensor], grads: list[list[Tensor]], n: int,
-                 outputs: list[Tensor | None] | None = None) -> None:
-        self.module, self.inputs, self.grads, self.n = module, inputs, grads, n
+                 outputs: list[Tensor | None] | None = None, scale: float = 1.0) -> None:
+        self.module, self.inputs, self.grads, self.n, self.scale = module, inputs, grads, n, scale
         self.outputs = outputs or [None] * len(inputs)
         self.k = len(grads[0])
 
@@ -381,13 +400,13 @@ class LayerBatch:
         return _cat([_kron_input(self.module, x, with_bias) for x in self.inputs], 1)
 
     def kron_grads(self) -> Tensor:
-        """``[K*N, L, groups, d_out]``."""
+        """``[K*N, L, groups, d_out]``, unscaled (multiply by :attr:`scale`)."""
         return _cat([_cat([kron_output(self.module, g) for g in gs], 0) for gs in self.grads], 1)
 
     def kron_per_example(self) -> Tensor:
         """Per-example gradients of a Linear/Conv2d as matrices ``[K*N, groups, d_out, d_in(+1)]`` (see
         :func:`~quicktrain.precond._math.kron_per_example`)."""
-        return kron_per_example(self.kron_inputs(), self.kron_grads())
+        return _scaled(kron_per_example(self.kron_inputs(), self.kron_grads()), self.scale)
 
     def embedding_inputs(self) -> tuple[Tensor, int]:
         """Token indices ``[N, L]`` over all calls and the number of positions per example ``L``."""
@@ -395,7 +414,7 @@ class LayerBatch:
         return idx, idx.shape[1]
 
     def embedding_grads(self) -> Tensor:
-        """``[K*N, L, D]``."""
+        """``[K*N, L, D]``, unscaled (multiply by :attr:`scale`)."""
         d = self.module.embedding_dim
         return _cat([_cat([g.reshape(g.shape[0], -1, d) for g in gs], 0) for gs in self.grads], 1)
 
@@ -412,7 +431,7 @@ class LayerBatch:
                 outs.append(torch.stack(cols, dim=-1))
         k = self.k
         per_call = [_cat(outs[i * k:(i + 1) * k], 0) for i in range(len(self.inputs))]
-        return torch.stack(per_call).sum(0)
+        return _scaled(torch.stack(per_call).sum(0), self.scale)
 
     def per_example_grads(self) -> dict[str, Tensor]:
         """Per-example (and per backward vector) parameter gradients ``{name: [K*N, *shape]}``.
@@ -440,7 +459,7 @@ class LayerBatch:
             pe.index_put_((rows.reshape(-1), idx.reshape(-1)), g.reshape(-1, m.embedding_dim), accumulate=True)
             if m.padding_idx is not None:
                 pe[:, m.padding_idx] = 0
-            return {"weight": pe}
+            return {"weight": _scaled(pe, self.scale)}
         if isinstance(m, NORM_TYPES):
             ug = self.unit_grads()
             out, i = {}, 0

@@ -349,8 +349,9 @@ class CurvatureGradients:
                 vecs = output_sqrt(self.loss_fn, logits, targets, self.fisher_type, n_samples=self.n_mc_samples,
                                    generator=self.rng.get(logits.device))
                 cap.backward_to_outputs(logits, vecs)
-                loss.backward()
-                scale, passes = 1.0, slice(0, len(vecs))
+                with cap.paused():  # the statistics use the Fisher's passes only
+                    loss.backward()
+                scale, passes = 1.0, slice(None)
         n = inputs.shape[0]
         batches = {name: cap.batch(name, n, scale, passes) for name in self.modules}
         self._update(batches)

@@ -78,6 +78,33 @@ def test_natural_gradients_equal_dense_block_solves(method, kind, case, ref):
     torch.testing.assert_close(out, _block_solve(ggn, g, blocks))
 
 
+@pytest.mark.parametrize(("method", "kind"), [("layerwise_ng", "layer"), ("unitwise_ng", "unit"),
+                                              ("diag_ng", "diag")])
+def test_empirical_fisher_from_the_loss_backward_equals_dense_per_example_blocks(method, kind, case, ref):
+    """The loss backward's gradients stand for √N times themselves; the scale is folded into the statistics."""
+    model, x, y = case["model"], case["x"], case["y"]
+    fn = nn.CrossEntropyLoss()
+    rows = ref.per_example_grads(model, fn, x, y)  # ∇ℓ_n, [N, P]
+    emp = rows.T @ rows / rows.shape[0]
+    g = ref.grad(model, fn, x, y)
+    _, out = _step(method, model, x, y, fisher_type="emp")
+    torch.testing.assert_close(out, _block_solve(emp, g, _blocks(model, kind)))
+
+
+def test_kfac_empirical_fisher_factors_of_a_linear_layer_equal_their_definition():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    h = torch.tanh(model[0](x)).detach().requires_grad_()
+    out = model[2](h)
+    per_example = torch.stack([torch.autograd.grad(nn.functional.cross_entropy(out[i:i + 1], y[i:i + 1]), out,
+                                                   retain_graph=True)[0][i] for i in range(6)])  # ∂ℓ_n/∂out_n
+    maker, _ = _step("kfac", model, x, y, fisher_type="emp", ema_decay=0.0)
+    a = torch.cat([h.detach(), torch.ones(6, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(maker.reps["2"].A[0], a.T @ a / 6)
+    torch.testing.assert_close(maker.reps["2"].G[0], per_example.T @ per_example / 6)
+
+
 def test_smw_ng_empirical_equals_dense_per_example_solve(ref):
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))

@@ -22,7 +22,7 @@ class Diagonal(Representation):
         if isinstance(m, nn.Linear) and batch.inputs[0].dim() == 2 and len(batch.inputs) == 1:
             a, g = batch.kron_inputs(), batch.kron_grads()  # one position: (g a^T)^2 = g^2 (a^2)^T
             g2 = g[:, 0, 0].square().reshape(-1, a.shape[0], g.shape[-1])  # [K, N, d_out]
-            sq = torch.einsum("kno,ni->oi", g2, a[:, 0, 0].square())
+            sq = torch.einsum("kno,ni->oi", g2, a[:, 0, 0].square()).mul_(batch.scale**2)
             d = {"weight": sq[:, : m.in_features]}
             if m.bias is not None:
                 d["bias"] = sq[:, -1]

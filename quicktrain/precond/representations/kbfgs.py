@@ -85,7 +85,7 @@ def _means(batch: LayerBatch) -> tuple[Tensor, Tensor]:
     """Batch-and-position means of the layer output ``h̄`` and of the per-example output gradient ``ḡ``."""
     h = torch.cat([kron_output(batch.module, o) for o in batch.outputs], dim=1).mean((0, 1))
     g = batch.kron_grads()  # gradients of the mean loss: N·g is the per-example gradient
-    return h, g.mean(1).sum(0)
+    return h, g.mean(1).sum(0).mul_(batch.scale)
 
 
 class KronBfgs(Representation):

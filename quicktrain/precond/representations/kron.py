@@ -123,7 +123,7 @@ class KronFactored(Representation):
         a, g = batch.kron_inputs(with_bias=not self.separate), batch.kron_grads()
         if self.reduce:
             a, g = a.mean(1, keepdim=True), g.sum(1, keepdim=True)
-        fa, fg = kfac_factors(a, g, batch.n)
+        fa, fg = kfac_factors(a, g, batch.n, batch.scale)
         self.A = ema(self.A, all_reduce_mean(fa), decay)
         self.G = ema(self.G, all_reduce_mean(fg), decay)
 
@@ -173,7 +173,7 @@ class KronEmbedding(Representation):
         if m.padding_idx is not None:
             counts[m.padding_idx] = 0
         g = batch.embedding_grads()
-        fg = torch.einsum("nld,nle->de", g, g) / length
+        fg = torch.einsum("nld,nle->de", g, g) * (batch.scale**2 / length)
         self.A = ema(self.A, all_reduce_mean(counts), decay)
         self.G = ema(self.G, all_reduce_mean(fg), decay)
 
@@ -208,7 +208,7 @@ class SmwKronFactored(Representation):
         a, g = batch.kron_inputs(), batch.kron_grads()
         length = a.shape[1]
         ua = a.mean(1) * math.sqrt(length / batch.n)  # [N, groups, d_in]
-        ug = g.mean(1) * math.sqrt(length)  # [K*N, groups, d_out]
+        ug = g.mean(1) * (math.sqrt(length) * batch.scale)  # [K*N, groups, d_out]
         self.UA = all_gather_rows(ua).transpose(0, 1).contiguous()  # [groups, N, d_in]
         self.UG = all_gather_rows(ug).transpose(0, 1).contiguous()
 
