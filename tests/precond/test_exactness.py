@@ -421,3 +421,44 @@ def test_full_ng_honours_ignore_index_and_mse(loss, ref):
     maker.forward_backward(x, y)
     out = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(out, torch.linalg.solve(ggn + LAM * torch.eye(g.numel(), dtype=g.dtype), g))
+
+
+def _shampoo_block(gb, order):
+    """Shampoo's first step on one block: each axis longer than 1 contracted with ``(G G^T + εI)^{-1/2k}``."""
+    out = gb
+    for i in range(gb.dim()):
+        if gb.shape[i] == 1:
+            out = out.movedim(0, -1)
+            continue
+        other = [j for j in range(gb.dim()) if j != i]
+        stat = torch.tensordot(gb, gb, dims=(other, other))
+        root = scipy.linalg.fractional_matrix_power((stat + LAM * torch.eye(len(stat))).numpy(), -1 / (2 * order))
+        out = torch.tensordot(out, torch.as_tensor(root.real), dims=([0], [0]))
+    return out
+
+
+@pytest.mark.parametrize("grafting", ["none", "sgd", "adam"])
+def test_shampoo_blocks_are_parameters_of_their_own_and_grafting_sets_their_norms(grafting):
+    """Distributed Shampoo's blocking (a [5, 6] weight in blocks of at most 4 × 4) and grafting."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, y = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 2, (7,))
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    g = model[0].weight.grad.clone()
+    model.zero_grad()
+    precond.make("shampoo", model, nn.CrossEntropyLoss(), damping=LAM, block_size=4,
+                 grafting=grafting).forward_backward(x, y)
+    out = model[0].weight.grad
+    for rows in (slice(0, 4), slice(4, 5)):
+        for cols in (slice(0, 4), slice(4, 6)):
+            gb = g[rows, cols]
+            expect = _shampoo_block(gb, order=2)
+            if grafting == "sgd":
+                expect = expect * gb.norm() / expect.norm()
+            elif grafting == "adam":  # first step: v̂ = g², D = g / (|g| + 1e-8)
+                expect = expect * (gb / (gb.abs() + 1e-8)).norm() / expect.norm()
+            torch.testing.assert_close(out[rows, cols], expect)
+    with pytest.raises(ValueError, match="grafting"):
+        precond.make("shampoo", model, nn.CrossEntropyLoss(), grafting="adagrad")
+    with pytest.raises(ValueError, match="block_size"):
+        precond.make("shampoo", model, nn.CrossEntropyLoss(), block_size=0)
