@@ -63,7 +63,7 @@ from quicktrain.report import records_markdown, write_records_csv
 from quicktrain.train import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parent
-MODELS = {"resnet20": (3, 32, 32), "mobilenetv2_tiny": (3, 32, 32), "mlp": (1, 28, 28)}
+MODELS = {"resnet20": (3, 32, 32), "mobilenetv2_tiny": (3, 32, 32), "mlp": (1, 28, 28), "cnn": (1, 28, 28)}
 
 
 def _sync(device: torch.device) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "damped_eigh_inverse",
     "eigh_float64",
     "kfac_factors",
+    "kfac_output_factor",
     "kron_matmul",
     "kron_per_example",
     "matrix_power",
@@ -59,8 +60,12 @@ def kfac_factors(a: Tensor, g: Tensor, n: int, g_scale: float = 1.0) -> tuple[Te
     Returns:
         ``(A, G)`` of shapes ``[groups, d_in, d_in]`` and ``[groups, d_out, d_out]``.
     """
-    length = a.shape[1]
-    return _gram(a) / n, _gram(g).mul_(g_scale**2 / length)
+    return _gram(a) / n, kfac_output_factor(g, a.shape[1], g_scale)
+
+
+def kfac_output_factor(g: Tensor, length: int, g_scale: float = 1.0) -> Tensor:
+    """K-FAC's ``G = (s²/L) Σ_{k,n,l} g_{knl} g_{knl}^\top`` alone (see :func:`kfac_factors`), ``[groups, d, d]``."""
+    return _gram(g).mul_(g_scale**2 / length)
 
 
 def kron_per_example(a: Tensor, g: Tensor) -> Tensor:
@@ -312,7 +317,7 @@ def kron_damping(a: Tensor, g: Tensor, damping: float, pi: bool, eps: float = 1e
     ``A`` and ``G``.
 
     Args:
-        a: ``[groups, d_A, d_A]`` or a diagonal ``[d_A]`` (Embedding).
+        a: ``[groups, d_A, d_A]``, or its diagonal ``[groups, d_A]`` (``[d_A]`` for an Embedding).
         g: ``[groups, d_G, d_G]``.
         damping: ``λ``.
         pi: use ``π``.
@@ -326,7 +331,7 @@ def kron_damping(a: Tensor, g: Tensor, damping: float, pi: bool, eps: float = 1e
     if not pi:
         one = torch.ones(groups, 1, 1, dtype=g.dtype, device=g.device) * root
         return one, one
-    mean_a = a.mean(-1, keepdim=True) if a.dim() == 1 else torch.diagonal(a, dim1=-2, dim2=-1).mean(-1)
+    mean_a = (a if a.dim() < g.dim() else torch.diagonal(a, dim1=-2, dim2=-1)).mean(-1).reshape(-1)
     mean_g = torch.diagonal(g, dim1=-2, dim2=-1).mean(-1)
     p = torch.sqrt(mean_a.double() / mean_g.double())
     p = torch.where(torch.isfinite(p) & (p > 0), p, torch.ones_like(p))

@@ -3,6 +3,7 @@
 References come from ``torch.func`` (Jacobians, Hessians) and explicit loops, never from the package's hooks.
 """
 
+import copy
 import math
 
 import pytest
@@ -462,3 +463,31 @@ def test_shampoo_blocks_are_parameters_of_their_own_and_grafting_sets_their_norm
         precond.make("shampoo", model, nn.CrossEntropyLoss(), grafting="adagrad")
     with pytest.raises(ValueError, match="block_size"):
         precond.make("shampoo", model, nn.CrossEntropyLoss(), block_size=0)
+
+
+@pytest.mark.parametrize("bias", ["augment", "separate"])
+@pytest.mark.parametrize("conv", [False, True])
+def test_kfac_low_rank_input_factor_solve_equals_the_dense_solve(bias, conv):
+    """A = U_Aᵀ U_A with fewer rows than its dimension: the SMW solve gives the dense Cholesky one's step."""
+    torch.manual_seed(0)
+    if conv:  # 2×2 positions of a 3×3 kernel over 4 channels: A is 37 × 37 from 3·4 = 12 rows
+        model = nn.Sequential(nn.Conv2d(4, 5, 3), nn.Flatten(), nn.Linear(20, 3)).double()
+        batches = [(torch.randn(3, 4, 4, 4, dtype=torch.float64), torch.randint(0, 3, (3,))) for _ in range(3)]
+    else:  # A is 41 × 41 from 6 rows
+        model = nn.Sequential(nn.Linear(40, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+        batches = [(torch.randn(6, 40, dtype=torch.float64), torch.randint(0, 3, (6,))) for _ in range(3)]
+    twin = copy.deepcopy(model)
+    cfg = {"fisher_type": "exact", "ema_decay": 0.0, "bias": bias, "damping": LAM}
+    low = precond.make("kfac", model, nn.CrossEntropyLoss(), low_rank=True, **cfg)
+    dense = precond.make("kfac", twin, nn.CrossEntropyLoss(), low_rank=False, **cfg)
+    for x, y in batches:
+        for mk, m in ((low, model), (dense, twin)):
+            m.zero_grad()
+            mk.forward_backward(x, y)
+        assert low.reps["0"].A is None and low.reps["0"].UA is not None  # the low-rank path ran
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+                p -= 0.1 * p.grad
+                q -= 0.1 * q.grad

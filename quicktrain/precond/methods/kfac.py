@@ -20,17 +20,17 @@ __all__ = ["kfac", "kron_map"]
 
 
 def kron_map(solver: str = "cholesky", pi_damping: bool = True, bias: str = "augment",
-             weight_sharing: str = "expand") -> RepresentationMap:
+             weight_sharing: str = "expand", low_rank: bool = False) -> RepresentationMap:
     """K-FAC's map: Kronecker for Linear/Conv2d (attention projections included) and Embedding, unit-wise for
     normalisation layers."""
     return type_map(partial(KronFactored, solver=solver, pi_damping=pi_damping, bias=bias,
-                            weight_sharing=weight_sharing),
+                            weight_sharing=weight_sharing, low_rank=low_rank),
                      partial(KronEmbedding, pi_damping=pi_damping), UnitWise)
 
 
 @register("kfac")
 def kfac(model: nn.Module, loss_fn: nn.Module, *, solver: str = "cholesky", pi_damping: bool = True,
-         bias: str = "augment", weight_sharing: str = "expand", fisher_type: str = "mc",
+         bias: str = "augment", weight_sharing: str = "expand", low_rank: bool = True, fisher_type: str = "mc",
          **config: Any) -> CurvatureGradients:
     """K-FAC (Martens & Grosse, 2015; KFC for conv): ``ΔW = (G+√λ/π I)^{-1} ∇W (A+π√λ I)^{-1}``.
 
@@ -42,8 +42,10 @@ def kfac(model: nn.Module, loss_fn: nn.Module, *, solver: str = "cholesky", pi_d
         bias: ``augment`` (bias column in ``A``) or ``separate`` (bias preconditioned by ``G`` only).
         weight_sharing: ``expand`` (default) or ``reduce``: how tokens and conv positions enter the factors
             (see :class:`~quicktrain.precond.representations.kron.KronFactored`).
+        low_rank: with ``ema_decay=0``, solve by Sherman–Morrison–Woodbury against the rows of an input factor
+            that the batch cannot fill (dimension above its rows); the same step as the dense solve, cheaper.
         fisher_type: ``mc`` (default), ``emp`` or ``exact``.
         **config: common options.
     """
-    reps = kron_map(solver, pi_damping, bias, weight_sharing)
+    reps = kron_map(solver, pi_damping, bias, weight_sharing, low_rank)
     return CurvatureGradients(model, loss_fn, method="kfac", reps=reps, fisher_type=fisher_type, **config)

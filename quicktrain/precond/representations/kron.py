@@ -22,7 +22,9 @@ from quicktrain.precond._math import (
     damped_cholesky_inverse,
     damped_eigh_inverse,
     kfac_factors,
+    kfac_output_factor,
     kron_damping,
+    smw_factor,
     smw_solve,
 )
 from quicktrain.precond.capture import LayerBatch
@@ -103,12 +105,18 @@ class KronFactored(Representation):
             averages the inputs and sums the output gradients over them, ``ā_n = (1/L) Σ_l a_{nl}``,
             ``ĝ_{kn} = Σ_l g_{knl}``, ``A = (1/N) Σ_n ā_n ā_nᵀ``, ``G = Σ_{k,n} ĝ_{kn} ĝ_{kn}ᵀ`` (``L`` times fewer
             rows in the Gram products; both are exact for ``L = 1``).
+        low_rank: when the statistics of one batch are kept as they are (``ema_decay=0``) and ``A``'s
+            dimension exceeds its ``R`` rows (``N·L``, or ``N`` with ``reduce``; the ``Linear(3136, 128)`` of a
+            CNN at batch 128), keep ``A = U_Aᵀ U_A`` as its rows and solve by Sherman–Morrison–Woodbury,
+            ``(A + λ_A I)^{-1} V = λ_A^{-1}(V - U_Aᵀ (λ_A I_R + U_A U_Aᵀ)^{-1} U_A V)``: an ``R × R`` Cholesky
+            instead of a ``d × d`` one, and ``R × d`` products instead of a ``d × d`` one at every step. The
+            ``R × R`` factor belongs to the rows, so it is refreshed with them (at every curvature step).
     """
 
-    _state = ("A", "G", "A_inv", "G_inv")
+    _state = ("A", "G", "A_inv", "G_inv", "UA", "A_factor", "A_damping")
 
     def __init__(self, name: str, module, solver: str = "cholesky", pi_damping: bool = True,
-                 bias: str = "augment", weight_sharing: str = "expand") -> None:
+                 bias: str = "augment", weight_sharing: str = "expand", low_rank: bool = False) -> None:
         super().__init__(name, module)
         if solver not in _SOLVERS:
             raise ValueError(f"Unknown solver {solver!r}; choose from {sorted(_SOLVERS)}")
@@ -117,31 +125,61 @@ class KronFactored(Representation):
         if weight_sharing not in ("expand", "reduce"):
             raise ValueError(f"Unknown weight_sharing={weight_sharing!r}; choose from ['expand', 'reduce']")
         self.solver, self.pi_damping, self.reduce = solver, pi_damping, weight_sharing == "reduce"
+        self.low_rank = low_rank
         self.separate = bias == "separate" and module.bias is not None
 
     def update(self, batch: LayerBatch, decay: float) -> None:
         a, g = batch.kron_inputs(with_bias=not self.separate), batch.kron_grads()
         if self.reduce:
             a, g = a.mean(1, keepdim=True), g.sum(1, keepdim=True)
-        fa, fg = kfac_factors(a, g, batch.n, batch.scale)
-        self.A = ema(self.A, all_reduce_mean(fa), decay)
+        rows = a.shape[0] * a.shape[1]
+        if self.low_rank and decay == 0.0 and rows < a.shape[-1]:
+            fg = kfac_output_factor(g, a.shape[1], batch.scale)
+            ua = a.reshape(rows, *a.shape[2:]) / math.sqrt(batch.n)  # A = U_Aᵀ U_A per group
+            self.UA = all_gather_rows(ua).transpose(0, 1)  # [groups, R, d_in]
+            self.A = self.A_inv = self.A_factor = None
+        else:
+            fa, fg = kfac_factors(a, g, batch.n, batch.scale)
+            if self.UA is not None:  # a moving average starts from the dense matrix of the rows kept so far
+                self.A, self.UA, self.A_factor = self.UA.transpose(-1, -2) @ self.UA, None, None
+            self.A = ema(self.A, all_reduce_mean(fa), decay)
         self.G = ema(self.G, all_reduce_mean(fg), decay)
+
+    def _damping(self, damping: float) -> tuple[Tensor, Tensor]:
+        a = self.A if self.UA is None else self.UA.square().sum(-2)  # the rows' diagonal of A
+        return kron_damping(a, self.G, damping, self.pi_damping)
 
     def update_inverse(self, damping: float) -> None:
         inv = _SOLVERS[self.solver]
-        lam_a, lam_g = kron_damping(self.A, self.G, damping, self.pi_damping)
-        self.A_inv = inv(self.A, lam_a)
+        lam_a, lam_g = self._damping(damping)
+        if self.UA is None:
+            self.A_inv = inv(self.A, lam_a)
         self.G_inv = inv(self.G, lam_g)
 
     def precondition(self, damping: float) -> None:
         self.grads()  # raises naming the parameter when one has no gradient
-        kron_sandwich_grad(self.module, self.G_inv, self.A_inv, "separate" if self.separate else "augment")
+        if self.UA is None:
+            kron_sandwich_grad(self.module, self.G_inv, self.A_inv, "separate" if self.separate else "augment")
+            return
+        if self.A_factor is None:  # first solve with these rows
+            self.A_damping = self._damping(damping)[0]
+            self.A_factor = smw_factor(self.UA, self.A_damping.view(-1, 1))
+        m = self.module
+        mat = kron_grad_matrix(m, m.weight.grad, None if self.separate or m.bias is None else m.bias.grad)
+        right = smw_solve(self.UA, mat.transpose(-1, -2), self.A_damping, self.A_factor).transpose(-1, -2)
+        out = self.G_inv @ right
+        if self.separate:
+            m.weight.grad = out.reshape(m.weight.shape).contiguous()
+            m.bias.grad = (self.G_inv @ m.bias.grad.reshape(*out.shape[:-1], 1)).reshape(m.bias.shape)
+        else:
+            kron_set_grad(m, out)
 
     def mvp(self, vecs: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.separate:
             raise NotImplementedError("mvp is defined for bias='augment' only")
         mat = kron_grad_matrix(self.module, vecs["weight"], vecs.get("bias"))
-        out = self.G @ mat @ self.A
+        a = self.A if self.UA is None else self.UA.transpose(-1, -2) @ self.UA
+        out = self.G @ mat @ a
         res = {}
         if "bias" in vecs:
             res["bias"] = out[..., -1].reshape(vecs["bias"].shape)
