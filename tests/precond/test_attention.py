@@ -229,3 +229,21 @@ def test_cross_attention_is_refused_with_a_clear_error():
         precond.make("kfac", Cross(), CE).forward_backward(x, y)
     with pytest.raises(ValueError, match="kdim"):
         precond.make("kfac", nn.Sequential(nn.MultiheadAttention(6, 2, kdim=4)), CE)
+
+
+@pytest.mark.slow
+def test_kfac_takes_a_step_on_torchvision_vit_b_16():
+    """torchvision's ViT-B/16 (86M parameters, nn.MultiheadAttention, a root-level class token), 32×32 inputs."""
+    torch.manual_seed(0)
+    model = models.get_model("tv:vit_b_16", num_classes=10, in_shape=(3, 32, 32))
+    nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts the head at zero: no gradient below
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    plain = copy.deepcopy(model)
+    CE(plain(x), y).backward()
+    maker = precond.make("kfac", model, CE, ema_decay=0.0)  # the 3073-dim input factors by their 10 rows (SMW)
+    maker.forward_backward(x, y)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    attn, ref = model.encoder.layers[0].self_attention, plain.encoder.layers[0].self_attention
+    assert not torch.allclose(attn.in_proj_weight.grad, ref.in_proj_weight.grad, rtol=1e-3)
+    torch.testing.assert_close(model.class_token.grad, plain.class_token.grad)  # container parameter: plain
+    assert maker.reps["encoder.layers.encoder_layer_0.mlp.3"].UA is not None
