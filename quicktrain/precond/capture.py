@@ -292,6 +292,30 @@ class LayerCapture:
 
 
 # --------------------------------------------------------------------------------------- layer views
+def _conv_pad(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """The conv input with its zero padding applied (``[N, C, H, W]``)."""
+    padding = module.padding
+    if isinstance(padding, str):
+        padding = (0, 0) if padding == "valid" else tuple(d * (k - 1) // 2 for d, k in
+                                                          zip(module.dilation, module.kernel_size, strict=True))
+    return F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
+
+
+def _conv_patch_mean(module: nn.Conv2d, x: Tensor, ones: bool) -> tuple[Tensor, int]:
+    """The mean over positions of :func:`_conv_patches`, ``[N, 1, groups, d (+1)]``, and the number of
+    positions, without building the patches:
+    entry ``(c, i, j)`` is the mean of the input window that kernel offset ``(i, j)`` sees, one strided view of
+    the padded input per offset (``kh·kw`` reductions of ``[N, C, H_out, W_out]`` instead of an
+    ``[N, L, C·kh·kw]`` copy)."""
+    x = _conv_pad(module, x)
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    ho, wo = (x.shape[2] - (kh - 1) * dh - 1) // sh + 1, (x.shape[3] - (kw - 1) * dw - 1) // sw + 1
+    cols = torch.stack([x[:, :, i * dh: i * dh + (ho - 1) * sh + 1: sh, j * dw: j * dw + (wo - 1) * sw + 1: sw]
+                        .mean((-2, -1)) for i in range(kh) for j in range(kw)], dim=-1)  # [N, C, kh·kw]
+    out = cols.reshape(x.shape[0], 1, module.groups, -1)  # (channel, kh, kw) order within a group
+    return (torch.cat([out, out.new_ones(*out.shape[:-1], 1)], dim=-1) if ones else out), ho * wo
+
+
 def _conv_patches(module: nn.Conv2d, x: Tensor, ones: bool) -> Tensor:
     """Patches of a conv input as ``[N, L, groups, Cin/groups*kh*kw (+1)]``: the columns the conv multiplies by
     its weight, in the weight's (channel, kh, kw) order, with a trailing 1 per group when ``ones``.
@@ -302,13 +326,8 @@ def _conv_patches(module: nn.Conv2d, x: Tensor, ones: bool) -> Tensor:
     positions stay innermost and the per-example, per-group products of
     :func:`~quicktrain.precond._math.kfac_factors` need no transposing copy.
     """
-    padding = module.padding
-    if isinstance(padding, str):
-        padding = (0, 0) if padding == "valid" else tuple(d * (k - 1) // 2 for d, k in
-                                                          zip(module.dilation, module.kernel_size, strict=True))
+    x = _conv_pad(module, x)
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    if any(padding):
-        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
     x = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)  # n, c, h_out, w_out, ekh, ekw
     if dh > 1 or dw > 1:
         x = x[..., ::dh, ::dw]
@@ -398,6 +417,20 @@ class LayerBatch:
     def kron_inputs(self, with_bias: bool = True) -> Tensor:
         """``[N, L, groups, d_in]`` with calls concatenated along ``L`` (bias column unless ``with_bias=False``)."""
         return _cat([_kron_input(self.module, x, with_bias) for x in self.inputs], 1)
+
+    def kron_input_means(self, with_bias: bool = True) -> Tensor:
+        """:meth:`kron_inputs` averaged over the positions of all calls, ``[N, 1, groups, d_in]`` (conv patches
+        are never built: see :func:`_conv_patch_mean`)."""
+        m, ones = self.module, self.module.bias is not None and with_bias
+        if isinstance(m, nn.Conv2d):
+            means, sizes = zip(*(_conv_patch_mean(m, x if x.dim() == 4 else x.unsqueeze(0), ones)
+                                 for x in self.inputs), strict=True)
+        else:
+            a = [_kron_input(m, x, with_bias) for x in self.inputs]
+            means, sizes = [t.mean(1, keepdim=True) for t in a], [t.shape[1] for t in a]
+        if len(means) == 1:
+            return means[0]
+        return sum(mu * (s / sum(sizes)) for mu, s in zip(means, sizes, strict=True))
 
     def kron_grads(self) -> Tensor:
         """``[K*N, L, groups, d_out]``, unscaled (multiply by :attr:`scale`)."""

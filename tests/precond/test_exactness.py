@@ -180,7 +180,7 @@ def test_kfac_update_equals_dense_kronecker_solve():
 ])
 @pytest.mark.parametrize("bias", [True, False])
 def test_conv_patches_equal_unfold_for_any_stride_dilation_padding_and_groups(conv, bias):
-    from quicktrain.precond.capture import _kron_input
+    from quicktrain.precond.capture import _conv_patch_mean, _kron_input
 
     layer = nn.Conv2d(4, 8, bias=bias, **conv).double()
     x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
@@ -191,6 +191,9 @@ def test_conv_patches_equal_unfold_for_any_stride_dilation_padding_and_groups(co
     if bias:
         ref = torch.cat([ref, torch.ones(*ref.shape[:-1], 1, dtype=torch.float64)], dim=-1)
     torch.testing.assert_close(_kron_input(layer, x), ref)
+    mean, positions = _conv_patch_mean(layer, x, bias)  # reduce's means, without the patches
+    torch.testing.assert_close(mean, ref.mean(1, keepdim=True))
+    assert positions == ref.shape[1]
     out = layer(x)  # the patches reproduce the convolution
     w = layer.weight.reshape(g, layer.out_channels // g, -1)
     if bias:
@@ -198,12 +201,14 @@ def test_conv_patches_equal_unfold_for_any_stride_dilation_padding_and_groups(co
     torch.testing.assert_close(torch.einsum("nlgi,goi->ngol", ref, w).reshape(out.shape), out)
 
 
+@pytest.mark.parametrize("setting", ["expand", "reduce"])
 @pytest.mark.parametrize("bias", [True, False])  # without bias, grouped patches take the im2col layout
-def test_conv_kronecker_factors_equal_explicit_patches_and_output_gradients(bias):
+def test_conv_kronecker_factors_equal_explicit_patches_and_output_gradients(bias, setting):
+    """KFC, and K-FAC-reduce for convolutions (Eschenhagen et al. 2023, eq. 12: mean patch, summed gradient)."""
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=bias).double()
     model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(6 * 3 * 3, 3)).double()
     x, y = torch.randn(3, 4, 5, 5, dtype=torch.float64), torch.randint(0, 3, (3,))
-    maker, _ = _step("kfac", model, x, y, fisher_type="exact")
+    maker, _ = _step("kfac", model, x, y, fisher_type="exact", weight_sharing=setting, low_rank=False)
     rep = maker.reps["0"]
     # A: explicit patches per example, group and output location (channel-major, then kh, kw; then a 1)
     xp = F.pad(x, (1, 1, 1, 1))
@@ -212,6 +217,8 @@ def test_conv_kronecker_factors_equal_explicit_patches_and_output_gradients(bias
                            torch.ones(int(bias), dtype=torch.float64)])
                 for n in range(3) for i in range(3) for j in range(3)]
         a = torch.stack(rows)
+        if setting == "reduce":
+            a = a.reshape(3, 9, -1).mean(1)
         torch.testing.assert_close(rep.A[grp], a.T @ a / 3)
     # G: output gradients of the exact Fisher's backward vectors, by torch.func.vjp on the conv output
     out = conv(x)
@@ -220,8 +227,13 @@ def test_conv_kronecker_factors_equal_explicit_patches_and_output_gradients(bias
     vecs = output_sqrt(nn.CrossEntropyLoss(), logits, y, "exact")
     gs = torch.stack([vjp(v)[0] for v in vecs])  # [K, N, C, H, W]
     for grp in range(2):
-        gg = gs[:, :, 3 * grp:3 * grp + 3].permute(0, 1, 3, 4, 2).reshape(-1, 3)
-        torch.testing.assert_close(rep.G[grp], gg.T @ gg / 9)
+        gg = gs[:, :, 3 * grp:3 * grp + 3].permute(0, 1, 3, 4, 2)  # [K, N, H, W, C/groups]
+        if setting == "reduce":
+            gg = gg.sum((2, 3)).reshape(-1, 3)
+            torch.testing.assert_close(rep.G[grp], gg.T @ gg)
+        else:
+            gg = gg.reshape(-1, 3)
+            torch.testing.assert_close(rep.G[grp], gg.T @ gg / 9)
 
 
 def test_ekfac_scales_equal_their_definition_and_update_is_eigenbasis_solve(ref):

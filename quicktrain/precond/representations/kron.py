@@ -129,9 +129,10 @@ class KronFactored(Representation):
         self.separate = bias == "separate" and module.bias is not None
 
     def update(self, batch: LayerBatch, decay: float) -> None:
-        a, g = batch.kron_inputs(with_bias=not self.separate), batch.kron_grads()
         if self.reduce:
-            a, g = a.mean(1, keepdim=True), g.sum(1, keepdim=True)
+            a, g = batch.kron_input_means(with_bias=not self.separate), batch.kron_grads().sum(1, keepdim=True)
+        else:
+            a, g = batch.kron_inputs(with_bias=not self.separate), batch.kron_grads()
         rows = a.shape[0] * a.shape[1]
         if self.low_rank and decay == 0.0 and rows < a.shape[-1]:
             fg = kfac_output_factor(g, a.shape[1], batch.scale)
