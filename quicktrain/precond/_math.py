@@ -28,6 +28,7 @@ __all__ = [
     "damped_eigh_inverse",
     "eigh_float64",
     "kfac_factors",
+    "kfac_input_factor",
     "kfac_output_factor",
     "kron_matmul",
     "kron_per_example",
@@ -60,7 +61,13 @@ def kfac_factors(a: Tensor, g: Tensor, n: int, g_scale: float = 1.0) -> tuple[Te
     Returns:
         ``(A, G)`` of shapes ``[groups, d_in, d_in]`` and ``[groups, d_out, d_out]``.
     """
-    return _gram(a) / n, kfac_output_factor(g, a.shape[1], g_scale)
+    return kfac_input_factor(a, n), kfac_output_factor(g, a.shape[1], g_scale)
+
+
+def kfac_input_factor(a: Tensor, n: int) -> Tensor:
+    """K-FAC's ``A = (1/N) Σ_{n,l} a_{nl} a_{nl}^\top`` alone (see :func:`kfac_factors`), ``[groups, d, d]``; a sum
+    over example chunks of ``a`` gives the same ``A``."""
+    return _gram(a) / n
 
 
 def kfac_output_factor(g: Tensor, length: int, g_scale: float = 1.0) -> Tensor:

@@ -418,6 +418,19 @@ class LayerBatch:
         """``[N, L, groups, d_in]`` with calls concatenated along ``L`` (bias column unless ``with_bias=False``)."""
         return _cat([_kron_input(self.module, x, with_bias) for x in self.inputs], 1)
 
+    def kron_input_chunks(self, with_bias: bool = True, max_elements: int = 1 << 22) -> Iterator[Tensor]:
+        """:meth:`kron_inputs` in consecutive chunks of examples of at most ``max_elements`` entries (at least one
+        example each), so that the patch copy of a convolution never holds the whole batch at once."""
+        m = self.module
+        if isinstance(m, nn.Conv2d) and self.inputs[0].dim() == 3:  # one unbatched example
+            yield self.kron_inputs(with_bias)
+            return
+        n = self.inputs[0].shape[0]
+        per_example = sum(_kron_input(m, x[:1], with_bias).numel() for x in self.inputs)
+        step = max(1, max_elements // per_example)
+        for i in range(0, n, step):
+            yield _cat([_kron_input(m, x[i:i + step], with_bias) for x in self.inputs], 1)
+
     def kron_input_means(self, with_bias: bool = True) -> Tensor:
         """:meth:`kron_inputs` averaged over the positions of all calls, ``[N, 1, groups, d_in]`` (conv patches
         are never built: see :func:`_conv_patch_mean`)."""

@@ -503,3 +503,17 @@ def test_kfac_low_rank_input_factor_solve_equals_the_dense_solve(bias, conv):
             for p, q in zip(model.parameters(), twin.parameters(), strict=True):
                 p -= 0.1 * p.grad
                 q -= 0.1 * q.grad
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_kron_input_chunks_cover_the_batch_in_order(bias):
+    from quicktrain.precond.capture import LayerCapture
+
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=bias).double()
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    with LayerCapture({"c": conv}) as cap:
+        conv(x).sum().backward()
+    batch = cap.batch("c", 5)
+    chunks = list(batch.kron_input_chunks(max_elements=2 * 36 * (27 + bias)))  # two examples per chunk
+    assert [c.shape[0] for c in chunks] == [2, 2, 1]
+    torch.testing.assert_close(torch.cat(chunks), batch.kron_inputs())

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from quicktrain.precond._math import (
     damped_cholesky_inverse,
     damped_eigh_inverse,
-    kfac_factors,
+    kfac_input_factor,
     kfac_output_factor,
     kron_damping,
     smw_factor,
@@ -129,18 +129,24 @@ class KronFactored(Representation):
         self.separate = bias == "separate" and module.bias is not None
 
     def update(self, batch: LayerBatch, decay: float) -> None:
+        with_bias = not self.separate
         if self.reduce:
-            a, g = batch.kron_input_means(with_bias=not self.separate), batch.kron_grads().sum(1, keepdim=True)
-        else:
-            a, g = batch.kron_inputs(with_bias=not self.separate), batch.kron_grads()
-        rows = a.shape[0] * a.shape[1]
-        if self.low_rank and decay == 0.0 and rows < a.shape[-1]:
-            fg = kfac_output_factor(g, a.shape[1], batch.scale)
+            chunks = iter([batch.kron_input_means(with_bias)])
+            g = batch.kron_grads().sum(1, keepdim=True)
+        else:  # A is summed over chunks of examples: a convolution's patches are never built for the whole batch
+            chunks, g = batch.kron_input_chunks(with_bias), batch.kron_grads()
+        first = next(chunks)
+        length, rows = first.shape[1], batch.n * first.shape[1]
+        fg = kfac_output_factor(g, length, batch.scale)
+        if self.low_rank and decay == 0.0 and rows < first.shape[-1]:
+            a = torch.cat([first, *chunks])
             ua = a.reshape(rows, *a.shape[2:]) / math.sqrt(batch.n)  # A = U_Aᵀ U_A per group
             self.UA = all_gather_rows(ua).transpose(0, 1)  # [groups, R, d_in]
             self.A = self.A_inv = self.A_factor = None
         else:
-            fa, fg = kfac_factors(a, g, batch.n, batch.scale)
+            fa = kfac_input_factor(first, batch.n)
+            for chunk in chunks:
+                fa += kfac_input_factor(chunk, batch.n)
             if self.UA is not None:  # a moving average starts from the dense matrix of the rows kept so far
                 self.A, self.UA, self.A_factor = self.UA.transpose(-1, -2) @ self.UA, None, None
             self.A = ema(self.A, all_reduce_mean(fa), decay)
