@@ -244,15 +244,18 @@ class LayerCapture:
         if self._modes and self._modes[-1][0] is module:
             self._modes.pop()[1].__exit__()
 
-    def backward_to_outputs(self, root: Tensor, vectors: Sequence[Tensor | None]) -> None:
+    def backward_to_outputs(self, root: Tensor, vectors: Sequence[Tensor | None], *,
+                            retain_graph: bool = True) -> None:
         """One extra backward pass per vector, from ``root`` down to the recorded module outputs only.
 
         Each pass appends ``vᵀ ∂root/∂out`` to every call's ``grads``, like a ``backward()`` through the node
-        hooks would, but computes no parameter gradient and leaves ``.grad`` alone. The graph is retained.
+        hooks would, but computes no parameter gradient and leaves ``.grad`` alone.
 
         Args:
             root: the tensor to differentiate (logits, or a scalar loss).
             vectors: ``grad_outputs`` of each pass (``None`` for a scalar ``root``).
+            retain_graph: keep the graph after the last pass; ``False`` lets that pass free the activations
+                as it goes, while the recorded gradients accumulate (a lower peak).
         """
         calls = [c for cs in self.calls.values() for c in cs if c.edge is not None]
         if not calls:
@@ -260,8 +263,10 @@ class LayerCapture:
         edges = [c.edge for c in calls]
         self._node_hooks_record = False
         try:
-            for v in vectors:
-                grads = torch.autograd.grad(root, edges, v, retain_graph=True, allow_unused=True)
+            for i, v in enumerate(vectors):
+                last = i == len(vectors) - 1
+                grads = torch.autograd.grad(root, edges, v, retain_graph=retain_graph or not last,
+                                            allow_unused=True)
                 for call, g in zip(calls, grads, strict=True):
                     call.add_grad(g)
         finally:

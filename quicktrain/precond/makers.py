@@ -348,9 +348,10 @@ class CurvatureGradients:
             else:
                 vecs = output_sqrt(self.loss_fn, logits, targets, self.fisher_type, n_samples=self.n_mc_samples,
                                    generator=self.rng.get(logits.device))
-                cap.backward_to_outputs(logits, vecs)
                 with cap.paused():  # the statistics use the Fisher's passes only
-                    loss.backward()
+                    loss.backward(retain_graph=True)
+                # last, so that the activations are freed while the output gradients are recorded
+                cap.backward_to_outputs(logits, vecs, retain_graph=False)
                 scale, passes = 1.0, slice(None)
         n = inputs.shape[0]
         batches = {name: cap.batch(name, n, scale, passes) for name in self.modules}
