@@ -6,7 +6,7 @@ seed: train task A from scratch, then continue on task B from A's final weights 
 * ``finetune``: plain training on B;
 * ``ewc-diag`` / ``ewc-kron``: the same plus the EWC penalty ``½λ(θ-θ*_A)ᵀF_A(θ-θ*_A)`` with A's Fisher (exact,
   32 batches of A's training data) in the diagonal or K-FAC representation
-  (:func:`quicktrain.precond.ewc.consolidation_hooks`, what ``quicktrain train --consolidate`` uses),
+  (:func:`quicktrain.curvature_apps.ewc.consolidation_hooks`, what ``quicktrain train --consolidate`` uses),
   for every ``λ`` in ``--strengths``.
 
 Reported on the test sets, after B: task-A and task-B accuracy with the 10-way head (*class-incremental*:
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from quicktrain import data, models
-from quicktrain.precond.ewc import consolidation_hooks, run_initializer
+from quicktrain.curvature_apps.ewc import consolidation_hooks, run_initializer
 from quicktrain.report import markdown_table, write_csv
 from quicktrain.train import Hooks, TrainConfig, evaluate, fit
 

@@ -8,6 +8,9 @@
    configurations: K-FAC, Shampoo, K-BFGS, natural gradient (full, layer-wise, unit-wise, diagonal) and
    CurveBall. Same model copy, same batch, same damping; reports the max relative difference of the
    preconditioned gradients at the first step and the per-step time of both (ASDL's failures are table rows).
+4. K-FAC against ASDL at batch 128 on ``resnet20`` and ``cnn`` (fashion-mnist shape, its ``Linear(3136, 128)``
+   included), empirical and Monte-Carlo Fisher: step time at intervals 1 and 10, in turns, and the peak
+   resident memory of a first update step, each maker in a fresh process.
 3. Time to accuracy on ``digits`` and ``fashion-mnist`` (``cnn``): SGD, AdamW, K-FAC, Shampoo and PSGD, each
    with a two-point learning-rate grid, through the training loop (``quicktrain report`` plots in the results).
 
@@ -22,6 +25,7 @@ Usage::
     .venv/bin/python benchmarks/precond.py --part 2 --device cpu --cnn-batch 32 --steps 7   # CPU, ~2 min
     .venv/bin/python benchmarks/precond.py --part 1 --quick                           # CPU smoke run
     .venv/bin/python benchmarks/precond.py --part 3 --device cpu                      # time to accuracy
+    .venv/bin/python benchmarks/precond.py --part 4 --device cpu --steps 4            # K-FAC vs ASDL, ~6 min
 
 Timing: contenders on the same model and batch (a method and plain SGD in part 1, quicktrain and ASDL in part
 2) run their steps in turns, A B A B ..., so that other load on a shared machine hits them alike; each time is
@@ -59,7 +63,7 @@ from quicktrain.report import records_markdown, write_records_csv
 from quicktrain.train import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parent
-MODELS = {"resnet20": (3, 32, 32), "mobilenetv2_tiny": (3, 32, 32), "mlp": (1, 28, 28)}
+MODELS = {"resnet20": (3, 32, 32), "mobilenetv2_tiny": (3, 32, 32), "mlp": (1, 28, 28), "cnn": (1, 28, 28)}
 
 
 def _sync(device: torch.device) -> None:
@@ -156,20 +160,74 @@ def _cpu_peak_main(mname: str, method: str, batch: int) -> float:
     return _proc_mb("VmHWM") - base
 
 
-def cpu_peak_mb(mname: str, method: str, batch: int) -> float:
-    """Peak resident MB of a first update step (model, batch, the maker's state, activations, temporaries) above
-    the process right after import, in a fresh process (Linux: ``VmHWM`` reset through ``clear_refs``)."""
+KFAC_VS_ASDL_MODELS = {"resnet20": (3, 32, 32), "cnn": (1, 28, 28)}
+
+
+def _kfac_pair(asdl, fisher: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int):
+    """(quicktrain, ASDL) K-FAC step functions of one configuration, on copies of ``model``."""
+    m1, m2 = copy.deepcopy(model), copy.deepcopy(model)
+    ours = precond.make("kfac", m1, nn.CrossEntropyLoss(), damping=1e-3, fisher_type=fisher, ema_decay=0.0,
+                        bias="separate", curvature_interval=k, inverse_interval=k)
+    types = {"emp": asdl.FISHER_EMP, "mc": asdl.FISHER_MC}
+    cfg = {"damping": 1e-3, "data_size": x.shape[0], "preconditioner_upd_interval": k, "curvature_upd_interval": k}
+    return _maker_step(ours, m1, x, y), _asdl_step(asdl, asdl.KfacGradientMaker, m2, x, y, cfg,
+                                                   {"fisher_type": types[fisher]})[1]
+
+
+def _kfac_peak_main(who: str, mname: str, fisher: str, batch: int) -> float:
+    """Body of :func:`kfac_peak_mb` (runs in a fresh process)."""
+    torch.set_num_threads(1)
+    asdl = _asdl()
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _proc_mb("VmRSS")
+    shape = KFAC_VS_ASDL_MODELS[mname]
+    x, y = _data(shape, batch, torch.device("cpu"))
+    model = get_model(mname, num_classes=10, in_shape=shape)
+    ours, theirs = _kfac_pair(asdl, fisher, model, x, y, 1)
+    del model
+    (ours if who == "quicktrain" else theirs)()
+    return _proc_mb("VmHWM") - base
+
+
+def _fresh(fn: str, *args: object) -> float:
+    """``fn(*args)`` of this file, run in a fresh Python process; its float result."""
     code = (
         "import importlib.util, sys; spec = importlib.util.spec_from_file_location('bench_precond', sys.argv[1]); "
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-        "print('@@', m._cpu_peak_main(sys.argv[2], sys.argv[3], int(sys.argv[4])))"
+        f"print('@@', m.{fn}(*[int(a) if a.isdigit() else a for a in sys.argv[2:]]))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code, __file__, mname, method, str(batch)], capture_output=True, text=True
-    )
+    done = subprocess.run([sys.executable, "-c", code, __file__, *map(str, args)], capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"memory probe of {method} on {mname} failed:\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"{fn}{args} failed:\n{done.stderr[-2000:]}")
     return float(done.stdout.split("@@")[-1])
+
+
+def part4(batch: int, steps: int, intervals: list[int]) -> list[dict]:
+    """K-FAC against ASDL: ms/step at each interval (in turns) and peak resident MB (fresh processes), CPU."""
+    asdl = _asdl()
+    rows = []
+    for mname, shape in KFAC_VS_ASDL_MODELS.items():
+        model = get_model(mname, num_classes=10, in_shape=shape)
+        x, y = _data(shape, batch, torch.device("cpu"), seed=1)
+        for fisher in ("emp", "mc"):
+            (t_ours, _), (t_asdl, _) = schedule_ms(
+                lambda k, fisher=fisher, model=model, x=x, y=y: list(_kfac_pair(asdl, fisher, model, x, y, k)),
+                torch.device("cpu"), intervals, steps)
+            peak = {who: _fresh("_kfac_peak_main", who, mname, fisher, batch) for who in ("quicktrain", "asdl")}
+            for k in intervals:
+                rows.append({"model": mname, "fisher": fisher, "batch": batch, "interval": k,
+                             "quicktrain_ms": round(t_ours[k], 1), "asdl_ms": round(t_asdl[k], 1),
+                             "x_asdl_time": round(t_ours[k] / t_asdl[k], 3),
+                             "quicktrain_peak_mb": round(peak["quicktrain"], 1), "asdl_peak_mb": round(peak["asdl"], 1),
+                             "x_asdl_mem": round(peak["quicktrain"] / peak["asdl"], 3)})
+                print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def cpu_peak_mb(mname: str, method: str, batch: int) -> float:
+    """Peak resident MB of a first update step (model, batch, the maker's state, activations, temporaries) above
+    the process right after import, in a fresh process (Linux: ``VmHWM`` reset through ``clear_refs``)."""
+    return _fresh("_cpu_peak_main", mname, method, batch)
 
 
 def state_mb(maker) -> float:
@@ -629,6 +687,11 @@ def main(argv: list[str] | None = None) -> None:
         print("\n## Part 3: time to accuracy (cnn; best learning rate of a small grid per method)")
         rows = part3(args.datasets, args.out_dir, tag, args.methods)
         write_records_csv(rows, args.out_dir / f"precond_tta{tag}.csv")
+        print(records_markdown(rows, list(rows[0])))
+    if 4 in args.part:
+        print("\n## Part 4: K-FAC vs ASDL (asdfghjkl 0.1a5), time and peak memory, CPU")
+        rows = part4(args.batch, args.steps, args.intervals)
+        write_records_csv(rows, args.out_dir / f"precond_kfac_asdl{tag}.csv")
         print(records_markdown(rows, list(rows[0])))
     print(env)
 

@@ -1,7 +1,7 @@
 """Benchmark: test accuracy against sparsity for magnitude, OBD-diag and OBD-kron pruning scores.
 
 Trains one model (``--model``, default ``cnn``) on ``--dataset`` with ``quicktrain.train.fit``, then for every
-score and sparsity runs :func:`quicktrain.precond.prune.prune_run` (what ``quicktrain prune`` runs):
+score and sparsity runs :func:`quicktrain.curvature_apps.prune.prune_run` (what ``quicktrain prune`` runs):
 
 * unstructured: the lowest-scoring fraction ``S`` of all Linear/Conv2d weights, ranked globally;
 * unstructured per layer: the lowest-scoring fraction ``S`` of each layer's weights;
@@ -32,7 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import torch  # noqa: E402
 
-from quicktrain.precond.prune import SCORES, prune_run  # noqa: E402
+from quicktrain.curvature_apps.prune import SCORES, prune_run  # noqa: E402
 from quicktrain.report import markdown_table, write_csv  # noqa: E402
 from quicktrain.train import TrainConfig, fit  # noqa: E402
 

@@ -29,7 +29,7 @@ PART_COMMANDS = {
     "boost": ("quicktrain.boost.cli", "NetBooster tools (export the contracted tiny model)"),
     "ghn": ("quicktrain.ghn.cli", "Graph HyperNetworks: meta-train one, or predict a model's parameters"),
     "kron": ("quicktrain.kron.cli", "Kronecker SGD (Song & Yue 2023): per-step cost independent of d"),
-    "prune": ("quicktrain.precond.cli", "remove the least important weights or channels of a finished run"),
+    "prune": ("quicktrain.curvature_apps.cli", "remove the least important weights or channels of a finished run"),
 }
 CORE_COMMANDS = {
     "train": "train a model on a dataset",

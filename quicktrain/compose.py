@@ -32,9 +32,9 @@ def build_hooks(config: TrainConfig) -> Hooks:
             f"{config.plt_end:.0%} of the steps, contracted back to {config.model} at the end"
         )
     if config.consolidate is not None:  # after --precond: the EWC penalty's gradient is preconditioned too
-        from . import precond
+        from . import curvature_apps
 
-        hooks.init, hooks.gradients = precond.consolidation_hooks(
+        hooks.init, hooks.gradients = curvature_apps.consolidation_hooks(
             config.consolidate,
             strength=config.consolidate_strength,
             representation=config.consolidate_curvature,

@@ -8,8 +8,18 @@ gradient in every ``p.grad`` and all state is in ``maker.state_dict()``.
 >>> from quicktrain import precond
 >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
 >>> maker = precond.make("kfac", model, nn.CrossEntropyLoss(), damping=1e-3)
+
+Layers, arrows downwards only: :mod:`~quicktrain.precond.methods` (one file per method, registered in
+:mod:`~quicktrain.precond.registry`) → :mod:`~quicktrain.precond.makers` (the maker loop) →
+:mod:`~quicktrain.precond.representations` (one file per way of storing curvature) →
+:mod:`~quicktrain.precond.capture` (hooks recording layer inputs and output gradients),
+:mod:`~quicktrain.precond.curvature` (matrix-free products at the network output),
+:mod:`~quicktrain.precond.distributed` and :mod:`~quicktrain.precond._math` (one equation per function).
+Applications built on the curvature (EWC, importance, pruning) live in :mod:`quicktrain.curvature_apps`.
 """
 
+from quicktrain.precond import methods  # noqa: F401  (registers every method)
+from quicktrain.precond.capture import KRON_TYPES, NORM_TYPES, SUPPORTED_TYPES
 from quicktrain.precond.curvature import (
     FisherType,
     fisher_vp,
@@ -20,38 +30,38 @@ from quicktrain.precond.curvature import (
     top_eigenvalues,
 )
 from quicktrain.precond.estimate import CurvatureEstimate, compute_curvature
-from quicktrain.precond.ewc import EWCPenalty, consolidated, consolidation_hooks, run_initializer
-from quicktrain.precond.importance import (
-    channel_magnitude,
-    channel_saliency,
-    curvature_diagonal,
-    magnitude_scores,
-    obd_saliency,
+from quicktrain.precond.makers import CurvatureGradients, PlainGradients
+from quicktrain.precond.methods.shampoo import ShampooGradients
+from quicktrain.precond.registry import list_methods, make, register
+from quicktrain.precond.representations import (
+    Diagonal,
+    KronEmbedding,
+    KronFactored,
+    LayerBlock,
+    Representation,
+    UnitWise,
 )
-from quicktrain.precond.maker import CurvatureGradients, PlainGradients, list_methods, make, register
-from quicktrain.precond.prune import prune_run
 
 __all__ = [
     # methods
     "CurvatureGradients",
     "PlainGradients",
+    "ShampooGradients",
     "list_methods",
     "make",
     "register",
     # curvature representations of a model (EWC, OBD, analysis)
     "CurvatureEstimate",
     "compute_curvature",
-    # continual learning (EWC) and importance/pruning from the curvature
-    "EWCPenalty",
-    "consolidated",
-    "consolidation_hooks",
-    "run_initializer",
-    "channel_magnitude",
-    "channel_saliency",
-    "curvature_diagonal",
-    "magnitude_scores",
-    "obd_saliency",
-    "prune_run",
+    "Diagonal",
+    "KronEmbedding",
+    "KronFactored",
+    "LayerBlock",
+    "Representation",
+    "UnitWise",
+    "KRON_TYPES",
+    "NORM_TYPES",
+    "SUPPORTED_TYPES",
     # matrix-free queries
     "FisherType",
     "fisher_vp",

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "as_matrix",
     "cg_solve",
     "damped_cholesky",
     "kron_damping",
@@ -27,6 +28,8 @@ __all__ = [
     "damped_eigh_inverse",
     "eigh_float64",
     "kfac_factors",
+    "kfac_input_factor",
+    "kfac_output_factor",
     "kron_matmul",
     "kron_per_example",
     "matrix_power",
@@ -35,7 +38,7 @@ __all__ = [
 ]
 
 
-def kfac_factors(a: Tensor, g: Tensor, n: int) -> tuple[Tensor, Tensor]:
+def kfac_factors(a: Tensor, g: Tensor, n: int, g_scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """Kronecker factors of one layer from its inputs and output gradients (K-FAC, eq. 1 of Martens & Grosse).
 
     .. math::
@@ -52,12 +55,24 @@ def kfac_factors(a: Tensor, g: Tensor, n: int) -> tuple[Tensor, Tensor]:
         a: inputs ``[N, L, groups, d_in]``.
         g: output gradients ``[K*N, L, groups, d_out]`` (the K backward vectors stacked along the batch).
         n: batch size ``N`` (the normaliser of ``A``).
+        g_scale: the gradients' scale ``s`` (``g`` stands for ``s·g``): folded into ``G`` as ``s²``, so that the
+            gradients are never copied to scale them.
 
     Returns:
         ``(A, G)`` of shapes ``[groups, d_in, d_in]`` and ``[groups, d_out, d_out]``.
     """
-    length = a.shape[1]
-    return _gram(a) / n, _gram(g) / length
+    return kfac_input_factor(a, n), kfac_output_factor(g, a.shape[1], g_scale)
+
+
+def kfac_input_factor(a: Tensor, n: int) -> Tensor:
+    """K-FAC's ``A = (1/N) Σ_{n,l} a_{nl} a_{nl}^\top`` alone (see :func:`kfac_factors`), ``[groups, d, d]``; a sum
+    over example chunks of ``a`` gives the same ``A``."""
+    return _gram(a) / n
+
+
+def kfac_output_factor(g: Tensor, length: int, g_scale: float = 1.0) -> Tensor:
+    """K-FAC's ``G = (s²/L) Σ_{k,n,l} g_{knl} g_{knl}^\top`` alone (see :func:`kfac_factors`), ``[groups, d, d]``."""
+    return _gram(g).mul_(g_scale**2 / length)
 
 
 def kron_per_example(a: Tensor, g: Tensor) -> Tensor:
@@ -309,7 +324,7 @@ def kron_damping(a: Tensor, g: Tensor, damping: float, pi: bool, eps: float = 1e
     ``A`` and ``G``.
 
     Args:
-        a: ``[groups, d_A, d_A]`` or a diagonal ``[d_A]`` (Embedding).
+        a: ``[groups, d_A, d_A]``, or its diagonal ``[groups, d_A]`` (``[d_A]`` for an Embedding).
         g: ``[groups, d_G, d_G]``.
         damping: ``λ``.
         pi: use ``π``.
@@ -323,7 +338,7 @@ def kron_damping(a: Tensor, g: Tensor, damping: float, pi: bool, eps: float = 1e
     if not pi:
         one = torch.ones(groups, 1, 1, dtype=g.dtype, device=g.device) * root
         return one, one
-    mean_a = a.mean(-1, keepdim=True) if a.dim() == 1 else torch.diagonal(a, dim1=-2, dim2=-1).mean(-1)
+    mean_a = (a if a.dim() < g.dim() else torch.diagonal(a, dim1=-2, dim2=-1)).mean(-1).reshape(-1)
     mean_g = torch.diagonal(g, dim1=-2, dim2=-1).mean(-1)
     p = torch.sqrt(mean_a.double() / mean_g.double())
     p = torch.where(torch.isfinite(p) & (p > 0), p, torch.ones_like(p))
@@ -355,3 +370,10 @@ def damped_cholesky(m: Tensor, damping: float) -> Tensor:
         s, u = _clamped_eigh(damped.reshape(-1, *m.shape[-2:]), damping, (info != 0).reshape(-1))
         chol = torch.linalg.cholesky((u * s.unsqueeze(-2)) @ u.transpose(-1, -2)).reshape(m.shape)
     return chol.to(m.dtype)
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    """``[dim0, prod(rest)]`` view (a scalar or vector becomes ``[d, 1]``)."""
+    if t.dim() <= 1:
+        return t.reshape(-1, 1)
+    return t.reshape(t.shape[0], -1)

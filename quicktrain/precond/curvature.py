@@ -21,24 +21,32 @@ no label smoothing; logits ``[N, C]`` or ``[N, C, *]`` where every position is a
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from enum import StrEnum
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
     "FisherType",
     "GraphCurvature",
     "fisher_vp",
+    "flatten",
+    "forward_keep_buffers",
     "ggn_vp",
     "hessian_vp",
     "hutchinson_trace",
+    "loss_hessian_vp",
     "loss_kind",
+    "math_attention",
     "n_examples",
     "output_sqrt",
+    "parse_fisher_type",
     "top_eigenvalues",
+    "unflatten",
 ]
 
 
@@ -50,7 +58,8 @@ class FisherType(StrEnum):
     EXACT = "exact"
 
 
-def _fisher_type(value: str | FisherType) -> FisherType:
+def parse_fisher_type(value: str | FisherType) -> FisherType:
+    """``value`` as a :class:`FisherType`; raises ``ValueError`` listing the choices."""
     try:
         return FisherType(value)
     except ValueError:
@@ -125,7 +134,7 @@ def output_sqrt(
     Returns:
         ``[K, *logits.shape]``, detached.
     """
-    ftype = _fisher_type(fisher_type)
+    ftype = parse_fisher_type(fisher_type)
     kind = loss_kind(loss_fn)
     f = logits.detach()
     n = n_examples(loss_fn, f, targets)
@@ -173,11 +182,13 @@ def loss_hessian_vp(loss_fn: nn.Module, logits: Tensor, targets: Tensor, w: Tens
 
 
 # --------------------------------------------------------------------------------------------- matvecs
-def _flatten(ts: Sequence[Tensor]) -> Tensor:
+def flatten(ts: Sequence[Tensor]) -> Tensor:
+    """Tensors concatenated into one flat vector."""
     return torch.cat([t.reshape(-1) for t in ts])
 
 
-def _unflatten(v: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+def unflatten(v: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """A flat vector split into views shaped like ``like`` (the inverse of :func:`flatten`)."""
     out, i = [], 0
     for t in like:
         out.append(v[i : i + t.numel()].view_as(t))
@@ -213,7 +224,7 @@ class GraphCurvature:
             self._u = torch.zeros_like(self.logits, requires_grad=True)
             self._jt_u = list(torch.autograd.grad(self.logits, self.params, self._u, create_graph=True,
                                                   allow_unused=True, materialize_grads=True))
-        vs = _unflatten(v, self.params)
+        vs = unflatten(v, self.params)
         (jv,) = torch.autograd.grad(self._jt_u, self._u, vs, retain_graph=True)
         return jv
 
@@ -221,7 +232,7 @@ class GraphCurvature:
         """``J^T w`` flat."""
         gs = torch.autograd.grad(self.logits, self.params, w, retain_graph=True, allow_unused=True,
                                  materialize_grads=True)
-        return _flatten(gs)
+        return flatten(gs)
 
     def ggn_vp(self, v: Tensor) -> Tensor:
         """``J^T ∇²_f L J v`` (equals the exact Fisher product for CE and MSE)."""
@@ -243,12 +254,19 @@ class GraphCurvature:
         if self._grad is None:
             self._grad = list(torch.autograd.grad(self.loss, self.params, create_graph=True, allow_unused=True,
                                                   materialize_grads=True))
-        hv = torch.autograd.grad(self._grad, self.params, _unflatten(v, self.params), retain_graph=True,
+        hv = torch.autograd.grad(self._grad, self.params, unflatten(v, self.params), retain_graph=True,
                                  allow_unused=True, materialize_grads=True)
-        return _flatten(hv)
+        return flatten(hv)
 
 
-def _forward_keep_buffers(model: nn.Module, inputs: Tensor) -> Tensor:
+def math_attention() -> contextlib.AbstractContextManager:
+    """Context in which ``F.scaled_dot_product_attention`` (also inside ``nn.MultiheadAttention``) uses its math
+    kernel: the only one whose backward is itself differentiable, as double-backward products need (the flash
+    and memory-efficient kernels have no double backward)."""
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def forward_keep_buffers(model: nn.Module, inputs: Tensor) -> Tensor:
     """``model(inputs)`` run on copies of the buffers, so BatchNorm running statistics stay unchanged."""
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     if not buffers:
@@ -259,7 +277,8 @@ def _forward_keep_buffers(model: nn.Module, inputs: Tensor) -> Tensor:
 def _problem(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor,
              params: Sequence[Tensor] | None) -> GraphCurvature:
     ps = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
-    logits = _forward_keep_buffers(model, inputs)
+    with math_attention():
+        logits = forward_keep_buffers(model, inputs)
     return GraphCurvature(ps, logits, loss_fn(logits, targets), loss_fn, targets)
 
 
@@ -321,7 +340,8 @@ def hessian_vp(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Te
         ``[P]``.
     """
     ps = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
-    logits = _forward_keep_buffers(model, inputs)
+    with math_attention():
+        logits = forward_keep_buffers(model, inputs)
     loss = loss_fn(logits, targets)
     return GraphCurvature(ps, logits, loss, loss_fn, targets).hessian_vp(vec)
 
@@ -335,7 +355,8 @@ def _matvec(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tenso
         raise ValueError(f"Unknown curvature {curvature!r}; choose from {sorted(_MATVECS)}")
     if curvature == "hessian":
         ps = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
-        logits = _forward_keep_buffers(model, inputs)
+        with math_attention():
+            logits = forward_keep_buffers(model, inputs)
         prob = GraphCurvature(ps, logits, loss_fn(logits, targets), loss_fn, targets)
     else:
         prob = _problem(model, loss_fn, inputs, targets, params)

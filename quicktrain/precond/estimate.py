@@ -12,12 +12,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from quicktrain.precond.curvature import _fisher_type, _forward_keep_buffers, output_sqrt
-from quicktrain.precond.kfac import KronEmbedding, KronFactored
-from quicktrain.precond.maker import select_modules
-from quicktrain.precond.natural_gradient import Diagonal, LayerBlock, UnitWise
-from quicktrain.precond.representation import Representation
-from quicktrain.precond.stats import KRON_TYPES, NORM_TYPES, SUPPORTED_TYPES, LayerCapture
+from quicktrain.precond.capture import KRON_TYPES, NORM_TYPES, SUPPORTED_TYPES, LayerCapture
+from quicktrain.precond.curvature import forward_keep_buffers, output_sqrt, parse_fisher_type
+from quicktrain.precond.makers import select_modules
+from quicktrain.precond.representations import (
+    Diagonal,
+    KronEmbedding,
+    KronFactored,
+    LayerBlock,
+    Representation,
+    UnitWise,
+)
 from quicktrain.train.hooks import unwrap
 
 __all__ = ["CurvatureEstimate", "compute_curvature"]
@@ -96,7 +101,7 @@ def compute_curvature(model: nn.Module, loss_fn: nn.Module, data: Iterable[tuple
     """
     if representation not in _REPRESENTATIONS:
         raise ValueError(f"Unknown representation {representation!r}; choose from {sorted(_REPRESENTATIONS)}")
-    ftype = _fisher_type(fisher_type)
+    ftype = parse_fisher_type(fisher_type)
     inner = unwrap(model)
     types = SUPPORTED_TYPES if representation != "kron" else (*KRON_TYPES, nn.Embedding, *NORM_TYPES)
     modules = select_modules(inner, types, ignore_modules, "error", f"compute_curvature({representation!r})")
@@ -105,7 +110,7 @@ def compute_curvature(model: nn.Module, loss_fn: nn.Module, data: Iterable[tuple
     n_batches = 0
     for inputs, targets in data:
         with LayerCapture(modules) as cap:
-            logits = _forward_keep_buffers(inner, inputs)
+            logits = forward_keep_buffers(inner, inputs)
             if gen is None:
                 gen = torch.Generator(device=logits.device)
                 gen.manual_seed(seed)

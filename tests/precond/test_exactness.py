@@ -3,6 +3,7 @@
 References come from ``torch.func`` (Jacobians, Hessians) and explicit loops, never from the package's hooks.
 """
 
+import copy
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from quicktrain import precond
 from quicktrain.precond.curvature import output_sqrt
-from quicktrain.precond.ekfac import EigenCorrectedKron
+from quicktrain.precond.representations import EigenCorrectedKron
 
 LAM = 0.1
 
@@ -76,6 +77,33 @@ def test_natural_gradients_equal_dense_block_solves(method, kind, case, ref):
     n = g.numel()
     blocks = [torch.arange(n)] if kind == "full" else _blocks(model, kind)
     torch.testing.assert_close(out, _block_solve(ggn, g, blocks))
+
+
+@pytest.mark.parametrize(("method", "kind"), [("layerwise_ng", "layer"), ("unitwise_ng", "unit"),
+                                              ("diag_ng", "diag")])
+def test_empirical_fisher_from_the_loss_backward_equals_dense_per_example_blocks(method, kind, case, ref):
+    """The loss backward's gradients stand for √N times themselves; the scale is folded into the statistics."""
+    model, x, y = case["model"], case["x"], case["y"]
+    fn = nn.CrossEntropyLoss()
+    rows = ref.per_example_grads(model, fn, x, y)  # ∇ℓ_n, [N, P]
+    emp = rows.T @ rows / rows.shape[0]
+    g = ref.grad(model, fn, x, y)
+    _, out = _step(method, model, x, y, fisher_type="emp")
+    torch.testing.assert_close(out, _block_solve(emp, g, _blocks(model, kind)))
+
+
+def test_kfac_empirical_fisher_factors_of_a_linear_layer_equal_their_definition():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    h = torch.tanh(model[0](x)).detach().requires_grad_()
+    out = model[2](h)
+    per_example = torch.stack([torch.autograd.grad(nn.functional.cross_entropy(out[i:i + 1], y[i:i + 1]), out,
+                                                   retain_graph=True)[0][i] for i in range(6)])  # ∂ℓ_n/∂out_n
+    maker, _ = _step("kfac", model, x, y, fisher_type="emp", ema_decay=0.0)
+    a = torch.cat([h.detach(), torch.ones(6, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(maker.reps["2"].A[0], a.T @ a / 6)
+    torch.testing.assert_close(maker.reps["2"].G[0], per_example.T @ per_example / 6)
 
 
 def test_smw_ng_empirical_equals_dense_per_example_solve(ref):
@@ -152,7 +180,7 @@ def test_kfac_update_equals_dense_kronecker_solve():
 ])
 @pytest.mark.parametrize("bias", [True, False])
 def test_conv_patches_equal_unfold_for_any_stride_dilation_padding_and_groups(conv, bias):
-    from quicktrain.precond.stats import _kron_input
+    from quicktrain.precond.capture import _conv_patch_mean, _kron_input
 
     layer = nn.Conv2d(4, 8, bias=bias, **conv).double()
     x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
@@ -163,6 +191,9 @@ def test_conv_patches_equal_unfold_for_any_stride_dilation_padding_and_groups(co
     if bias:
         ref = torch.cat([ref, torch.ones(*ref.shape[:-1], 1, dtype=torch.float64)], dim=-1)
     torch.testing.assert_close(_kron_input(layer, x), ref)
+    mean, positions = _conv_patch_mean(layer, x, bias)  # reduce's means, without the patches
+    torch.testing.assert_close(mean, ref.mean(1, keepdim=True))
+    assert positions == ref.shape[1]
     out = layer(x)  # the patches reproduce the convolution
     w = layer.weight.reshape(g, layer.out_channels // g, -1)
     if bias:
@@ -170,12 +201,14 @@ def test_conv_patches_equal_unfold_for_any_stride_dilation_padding_and_groups(co
     torch.testing.assert_close(torch.einsum("nlgi,goi->ngol", ref, w).reshape(out.shape), out)
 
 
+@pytest.mark.parametrize("setting", ["expand", "reduce"])
 @pytest.mark.parametrize("bias", [True, False])  # without bias, grouped patches take the im2col layout
-def test_conv_kronecker_factors_equal_explicit_patches_and_output_gradients(bias):
+def test_conv_kronecker_factors_equal_explicit_patches_and_output_gradients(bias, setting):
+    """KFC, and K-FAC-reduce for convolutions (Eschenhagen et al. 2023, eq. 12: mean patch, summed gradient)."""
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=bias).double()
     model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(6 * 3 * 3, 3)).double()
     x, y = torch.randn(3, 4, 5, 5, dtype=torch.float64), torch.randint(0, 3, (3,))
-    maker, _ = _step("kfac", model, x, y, fisher_type="exact")
+    maker, _ = _step("kfac", model, x, y, fisher_type="exact", weight_sharing=setting, low_rank=False)
     rep = maker.reps["0"]
     # A: explicit patches per example, group and output location (channel-major, then kh, kw; then a 1)
     xp = F.pad(x, (1, 1, 1, 1))
@@ -184,6 +217,8 @@ def test_conv_kronecker_factors_equal_explicit_patches_and_output_gradients(bias
                            torch.ones(int(bias), dtype=torch.float64)])
                 for n in range(3) for i in range(3) for j in range(3)]
         a = torch.stack(rows)
+        if setting == "reduce":
+            a = a.reshape(3, 9, -1).mean(1)
         torch.testing.assert_close(rep.A[grp], a.T @ a / 3)
     # G: output gradients of the exact Fisher's backward vectors, by torch.func.vjp on the conv output
     out = conv(x)
@@ -192,8 +227,13 @@ def test_conv_kronecker_factors_equal_explicit_patches_and_output_gradients(bias
     vecs = output_sqrt(nn.CrossEntropyLoss(), logits, y, "exact")
     gs = torch.stack([vjp(v)[0] for v in vecs])  # [K, N, C, H, W]
     for grp in range(2):
-        gg = gs[:, :, 3 * grp:3 * grp + 3].permute(0, 1, 3, 4, 2).reshape(-1, 3)
-        torch.testing.assert_close(rep.G[grp], gg.T @ gg / 9)
+        gg = gs[:, :, 3 * grp:3 * grp + 3].permute(0, 1, 3, 4, 2)  # [K, N, H, W, C/groups]
+        if setting == "reduce":
+            gg = gg.sum((2, 3)).reshape(-1, 3)
+            torch.testing.assert_close(rep.G[grp], gg.T @ gg)
+        else:
+            gg = gg.reshape(-1, 3)
+            torch.testing.assert_close(rep.G[grp], gg.T @ gg / 9)
 
 
 def test_ekfac_scales_equal_their_definition_and_update_is_eigenbasis_solve(ref):
@@ -394,3 +434,86 @@ def test_full_ng_honours_ignore_index_and_mse(loss, ref):
     maker.forward_backward(x, y)
     out = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(out, torch.linalg.solve(ggn + LAM * torch.eye(g.numel(), dtype=g.dtype), g))
+
+
+def _shampoo_block(gb, order):
+    """Shampoo's first step on one block: each axis longer than 1 contracted with ``(G G^T + εI)^{-1/2k}``."""
+    out = gb
+    for i in range(gb.dim()):
+        if gb.shape[i] == 1:
+            out = out.movedim(0, -1)
+            continue
+        other = [j for j in range(gb.dim()) if j != i]
+        stat = torch.tensordot(gb, gb, dims=(other, other))
+        root = scipy.linalg.fractional_matrix_power((stat + LAM * torch.eye(len(stat))).numpy(), -1 / (2 * order))
+        out = torch.tensordot(out, torch.as_tensor(root.real), dims=([0], [0]))
+    return out
+
+
+@pytest.mark.parametrize("grafting", ["none", "sgd", "adam"])
+def test_shampoo_blocks_are_parameters_of_their_own_and_grafting_sets_their_norms(grafting):
+    """Distributed Shampoo's blocking (a [5, 6] weight in blocks of at most 4 × 4) and grafting."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, y = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 2, (7,))
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    g = model[0].weight.grad.clone()
+    model.zero_grad()
+    precond.make("shampoo", model, nn.CrossEntropyLoss(), damping=LAM, block_size=4,
+                 grafting=grafting).forward_backward(x, y)
+    out = model[0].weight.grad
+    for rows in (slice(0, 4), slice(4, 5)):
+        for cols in (slice(0, 4), slice(4, 6)):
+            gb = g[rows, cols]
+            expect = _shampoo_block(gb, order=2)
+            if grafting == "sgd":
+                expect = expect * gb.norm() / expect.norm()
+            elif grafting == "adam":  # first step: v̂ = g², D = g / (|g| + 1e-8)
+                expect = expect * (gb / (gb.abs() + 1e-8)).norm() / expect.norm()
+            torch.testing.assert_close(out[rows, cols], expect)
+    with pytest.raises(ValueError, match="grafting"):
+        precond.make("shampoo", model, nn.CrossEntropyLoss(), grafting="adagrad")
+    with pytest.raises(ValueError, match="block_size"):
+        precond.make("shampoo", model, nn.CrossEntropyLoss(), block_size=0)
+
+
+@pytest.mark.parametrize("bias", ["augment", "separate"])
+@pytest.mark.parametrize("conv", [False, True])
+def test_kfac_low_rank_input_factor_solve_equals_the_dense_solve(bias, conv):
+    """A = U_Aᵀ U_A with fewer rows than its dimension: the SMW solve gives the dense Cholesky one's step."""
+    torch.manual_seed(0)
+    if conv:  # 2×2 positions of a 3×3 kernel over 4 channels: A is 37 × 37 from 3·4 = 12 rows
+        model = nn.Sequential(nn.Conv2d(4, 5, 3), nn.Flatten(), nn.Linear(20, 3)).double()
+        batches = [(torch.randn(3, 4, 4, 4, dtype=torch.float64), torch.randint(0, 3, (3,))) for _ in range(3)]
+    else:  # A is 41 × 41 from 6 rows
+        model = nn.Sequential(nn.Linear(40, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+        batches = [(torch.randn(6, 40, dtype=torch.float64), torch.randint(0, 3, (6,))) for _ in range(3)]
+    twin = copy.deepcopy(model)
+    cfg = {"fisher_type": "exact", "ema_decay": 0.0, "bias": bias, "damping": LAM}
+    low = precond.make("kfac", model, nn.CrossEntropyLoss(), low_rank=True, **cfg)
+    dense = precond.make("kfac", twin, nn.CrossEntropyLoss(), low_rank=False, **cfg)
+    for x, y in batches:
+        for mk, m in ((low, model), (dense, twin)):
+            m.zero_grad()
+            mk.forward_backward(x, y)
+        assert low.reps["0"].A is None and low.reps["0"].UA is not None  # the low-rank path ran
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+                p -= 0.1 * p.grad
+                q -= 0.1 * q.grad
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_kron_input_chunks_cover_the_batch_in_order(bias):
+    from quicktrain.precond.capture import LayerCapture
+
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=bias).double()
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    with LayerCapture({"c": conv}) as cap:
+        conv(x).sum().backward()
+    batch = cap.batch("c", 5)
+    chunks = list(batch.kron_input_chunks(max_elements=2 * 36 * (27 + bias)))  # two examples per chunk
+    assert [c.shape[0] for c in chunks] == [2, 2, 1]
+    torch.testing.assert_close(torch.cat(chunks), batch.kron_inputs())

@@ -97,7 +97,7 @@ def test_kfac_factors_match_loops():
 def test_kron_sandwich_grad_equals_the_product_with_the_concatenated_gradient():
     from torch import nn
 
-    from quicktrain.precond.stats import kron_grad_matrix, kron_sandwich_grad
+    from quicktrain.precond.representations import kron_grad_matrix, kron_sandwich_grad
 
     torch.manual_seed(0)
     for layer in (nn.Linear(5, 3), nn.Conv2d(4, 6, 3, groups=2), nn.Linear(5, 3, bias=False)):

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from quicktrain import precond
-from quicktrain.precond.kbfgs import bfgs_inverse_update, damped_bfgs_update
-from quicktrain.precond.psgd import psgd_kron_update
+from quicktrain.precond.methods.psgd import psgd_kron_update
+from quicktrain.precond.representations import bfgs_inverse_update, damped_bfgs_update
 from quicktrain.train.hooks import AutogradGradients
 
 METHODS = precond.list_methods()

@@ -26,9 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from quicktrain.precond.maker import RngState, _check_method, check_common, due, register
-from quicktrain.precond.shampoo import as_matrix, trainable_params
-from quicktrain.precond.stats import all_reduce_mean
+from quicktrain.precond._math import as_matrix
+from quicktrain.precond.curvature import math_attention
+from quicktrain.precond.distributed import all_reduce_mean
+from quicktrain.precond.makers import RngState, check_common, check_method, check_unsupported, due, trainable_params
+from quicktrain.precond.registry import register
 from quicktrain.train.hooks import unwrap
 
 __all__ = ["PsgdGradients", "psgd_kron_update"]
@@ -73,15 +75,17 @@ class PsgdGradients:
         inverse_interval: refresh ``Q^T Q`` every this many steps.
         warmup: fit every step before this step.
         ignore_modules: names/types/objects whose parameters keep the plain gradient.
+        unsupported: validated only: PSGD preconditions a parameter of any module by its shape.
         max_dim: refuse sides longer than this (dense triangular factors).
         seed: seed of the perturbations.
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, *, damping: float = 1e-4, precond_lr: float = 0.1,
                  init_scale: float = 1.0, curvature_interval: int = 1, inverse_interval: int = 1, warmup: int = 0,
-                 ema_decay: float | None = None, ignore_modules: Iterable[Any] = (), max_dim: int = 4096,
-                 seed: int = 0) -> None:
+                 ema_decay: float | None = None, ignore_modules: Iterable[Any] = (), unsupported: str = "error",
+                 max_dim: int = 4096, seed: int = 0) -> None:
         check_common(damping, curvature_interval, inverse_interval, warmup, ema_decay)
+        check_unsupported(unsupported)
         if ema_decay is not None:
             raise ValueError("psgd fits its preconditioner by stochastic steps; ema_decay does not apply")
         self.model, self.inner, self.loss_fn = model, unwrap(model), loss_fn
@@ -112,7 +116,8 @@ class PsgdGradients:
             self._init()
         names, params = list(self.params), list(self.params.values())
         if due(t, self.curvature_interval, self.warmup):
-            logits = self.inner(inputs)
+            with math_attention():  # the fit needs a double backward
+                logits = self.inner(inputs)
             loss = self.loss_fn(logits, targets)
             others = [p for p in self.inner.parameters() if p.requires_grad and all(p is not q for q in params)]
             grads = torch.autograd.grad(loss, params + others, create_graph=True, materialize_grads=True)
@@ -145,7 +150,7 @@ class PsgdGradients:
                 "rng": self.rng.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_method(state, "psgd")
+        check_method(state, "psgd")
         self.step = int(state["step"])
         dev = {n: p.device for n, p in self.params.items()}
         for key in ("ql", "qr", "pl", "pr"):

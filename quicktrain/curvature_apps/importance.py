@@ -30,11 +30,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from quicktrain.precond.channels import ChannelGroup, channel_groups
-from quicktrain.precond.estimate import CurvatureEstimate
-from quicktrain.precond.kfac import KronEmbedding, KronFactored
-from quicktrain.precond.natural_gradient import Diagonal, LayerBlock, UnitWise
-from quicktrain.precond.representation import Representation
+from quicktrain.curvature_apps.channels import ChannelGroup, channel_groups
+from quicktrain.precond import (
+    CurvatureEstimate,
+    Diagonal,
+    KronEmbedding,
+    KronFactored,
+    LayerBlock,
+    Representation,
+    UnitWise,
+)
 from quicktrain.train.hooks import unwrap
 
 __all__ = [

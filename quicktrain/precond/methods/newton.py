@@ -24,59 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from quicktrain.precond._math import cg_solve
-from quicktrain.precond.curvature import GraphCurvature, _flatten, _unflatten, loss_kind
-from quicktrain.precond.maker import _check_method, check_common, due, register
-from quicktrain.precond.shampoo import trainable_params
-from quicktrain.precond.stats import all_reduce_mean
-from quicktrain.train.hooks import unwrap
+from quicktrain.precond.curvature import GraphCurvature, flatten, loss_kind
+from quicktrain.precond.distributed import all_reduce_mean
+from quicktrain.precond.makers import GraphMaker, due
+from quicktrain.precond.registry import register
 
-__all__ = ["GraphMaker", "NewtonCGGradients", "NewtonGradients"]
-
-
-class GraphMaker:
-    """Shared: forward through the unwrapped model, keep the graph, average gradients over ranks."""
-
-    method = ""
-
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, damping: float, curvature_interval: int,
-                 inverse_interval: int, warmup: int, ema_decay: float | None, ignore_modules: Iterable[Any]) -> None:
-        check_common(damping, curvature_interval, inverse_interval, warmup, ema_decay)
-        if ema_decay is not None:
-            raise ValueError(f"{self.method} uses the current batch's curvature only; leave ema_decay unset")
-        self.curvature_interval, self.inverse_interval, self.warmup = curvature_interval, inverse_interval, warmup
-        self.model, self.loss_fn, self.damping = unwrap(model), loss_fn, damping
-        self.params = trainable_params(self.model, ignore_modules)
-        ignored = [p for p in self.model.parameters() if p.requires_grad and all(p is not q for q in
-                                                                                self.params.values())]
-        self._plain = ignored
-        self.step = 0
-
-    def _graph(self, inputs: Tensor, targets: Tensor) -> tuple[GraphCurvature, Tensor]:
-        logits = self.model(inputs)
-        loss = self.loss_fn(logits, targets)
-        if self._plain:
-            for p, g in zip(self._plain, torch.autograd.grad(loss, self._plain, retain_graph=True,
-                                                             materialize_grads=True), strict=True):
-                p.grad = all_reduce_mean(g.detach().clone())
-        gc = GraphCurvature(list(self.params.values()), logits, loss, self.loss_fn, targets)
-        return gc, loss
-
-    def _write(self, flat: Tensor) -> None:
-        if not bool(torch.isfinite(flat).all()):
-            raise FloatingPointError(f"{self.method}: non-finite update at step {self.step}; raise the damping")
-        for p, d in zip(self.params.values(), _unflatten(flat, list(self.params.values())), strict=True):
-            p.grad = d.detach().clone()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "step": self.step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_method(state, self.method)
-        self.step = int(state["step"])
-
-    def _on_device(self, t: Tensor | None) -> Tensor | None:
-        """A saved tensor moved to the parameters' device (None stays None)."""
-        return None if t is None else t.to(next(iter(self.params.values())).device)
+__all__ = ["NewtonCGGradients", "NewtonGradients"]
 
 
 class NewtonGradients(GraphMaker):
@@ -86,9 +39,9 @@ class NewtonGradients(GraphMaker):
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, *, damping: float = 1e-3, curvature_interval: int = 1,
                  inverse_interval: int = 1, warmup: int = 0, ema_decay: float | None = None,
-                 ignore_modules: Iterable[Any] = (), max_params: int = 5000) -> None:
+                 ignore_modules: Iterable[Any] = (), unsupported: str = "error", max_params: int = 5000) -> None:
         super().__init__(model, loss_fn, damping, curvature_interval, inverse_interval, warmup, ema_decay,
-                         ignore_modules)
+                         ignore_modules, unsupported)
         n = sum(p.numel() for p in self.params.values())
         if n > max_params:
             raise ValueError(f"newton builds the dense Hessian: {n} parameters exceed max_params={max_params}; "
@@ -100,7 +53,7 @@ class NewtonGradients(GraphMaker):
     def hessian(self, gc: GraphCurvature) -> tuple[Tensor, Tensor]:
         """Dense Hessian ``[P, P]`` from ``P`` batched Hessian-vector products, and the gradient ``[P]``."""
         grads = torch.autograd.grad(gc.loss, gc.params, create_graph=True, materialize_grads=True)
-        flat = _flatten(grads)
+        flat = flatten(grads)
         eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
         rows = torch.autograd.grad(flat, gc.params, eye, retain_graph=True, is_grads_batched=True,
                                    materialize_grads=True)
@@ -113,7 +66,7 @@ class NewtonGradients(GraphMaker):
         if due(t, self.curvature_interval, self.warmup) or self.H is None:
             self.H, g = self.hessian(gc)
         else:
-            g = all_reduce_mean(_flatten(torch.autograd.grad(loss, gc.params, materialize_grads=True)))
+            g = all_reduce_mean(flatten(torch.autograd.grad(loss, gc.params, materialize_grads=True)))
         if due(t, self.inverse_interval, self.warmup) or self.eig_u is None:
             s, u = torch.linalg.eigh(self.H.double())
             self.eig_s, self.eig_u = s, u
@@ -151,9 +104,9 @@ class NewtonCGGradients(GraphMaker):
     def __init__(self, model: nn.Module, loss_fn: nn.Module, *, damping: float = 1e-3, curvature: str = "ggn",
                  cg_max_iters: int = 20, cg_tol: float = 1e-3, warm_start: bool = False, curvature_interval: int = 1,
                  inverse_interval: int = 1, warmup: int = 0, ema_decay: float | None = None,
-                 ignore_modules: Iterable[Any] = ()) -> None:
+                 ignore_modules: Iterable[Any] = (), unsupported: str = "error") -> None:
         super().__init__(model, loss_fn, damping, curvature_interval, inverse_interval, warmup, ema_decay,
-                         ignore_modules)
+                         ignore_modules, unsupported)
         if curvature_interval != 1 or inverse_interval != 1:
             raise ValueError("newton_cg is matrix-free: it solves with the current batch's curvature at every "
                              "step, so curvature_interval and inverse_interval must be 1")
@@ -167,7 +120,7 @@ class NewtonCGGradients(GraphMaker):
 
     def forward_backward(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         gc, loss = self._graph(inputs, targets)
-        g = all_reduce_mean(_flatten(torch.autograd.grad(loss, gc.params, retain_graph=True,
+        g = all_reduce_mean(flatten(torch.autograd.grad(loss, gc.params, retain_graph=True,
                                                          materialize_grads=True)).detach())
         product = gc.ggn_vp if self.curvature == "ggn" else gc.hessian_vp
 

@@ -15,72 +15,58 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from quicktrain.precond.curvature import FisherType, _fisher_type, loss_kind, n_examples, output_sqrt
-from quicktrain.precond.natural_gradient import FullModel
-from quicktrain.precond.representation import Representation, first_nonfinite
-from quicktrain.precond.stats import SUPPORTED_TYPES, LayerBatch, LayerCapture, check_module
+from quicktrain.precond.capture import (
+    ATTENTION_TYPES,
+    KRON_TYPES,
+    NORM_TYPES,
+    SUPPORTED_TYPES,
+    AttentionProjection,
+    LayerBatch,
+    LayerCapture,
+    check_attention,
+    check_module,
+)
+from quicktrain.precond.curvature import (
+    FisherType,
+    GraphCurvature,
+    loss_kind,
+    math_attention,
+    n_examples,
+    output_sqrt,
+    parse_fisher_type,
+    unflatten,
+)
+from quicktrain.precond.distributed import all_reduce_mean
+from quicktrain.precond.representations import FullModel, Representation, first_nonfinite
 from quicktrain.train.hooks import unwrap
 
 __all__ = [
     "CurvatureGradients",
+    "GraphMaker",
     "PlainGradients",
     "RepresentationMap",
-    "list_methods",
-    "make",
-    "register",
+    "RngState",
+    "check_common",
+    "check_method",
+    "check_unsupported",
+    "due",
+    "no_ema",
     "select_modules",
+    "trainable_params",
+    "type_map",
 ]
 
 RepresentationMap = dict[type[nn.Module], Callable[[str, nn.Module], Representation]]
 """Which representation each module type gets: ``{nn.Linear: KronFactored, ...}`` (subclasses match)."""
 
-_REGISTRY: dict[str, Callable[..., Any]] = {}
 
-
-def register(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a maker factory ``factory(model, loss_fn, **config)`` under ``name`` (duplicates raise)."""
-
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if name in _REGISTRY:
-            raise ValueError(f"preconditioner {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
-
-
-def list_methods() -> list[str]:
-    """Names accepted by :func:`make`, sorted."""
-    _load_methods()
-    return sorted(_REGISTRY)
-
-
-def make(name: str, model: nn.Module, loss_fn: nn.Module, **config: Any):
-    """Build the gradient maker ``name`` for ``model`` and ``loss_fn``.
-
-    Args:
-        name: one of :func:`list_methods`.
-        model: the model (may be wrapped in ``DistributedDataParallel``).
-        loss_fn: the loss module.
-        **config: method options, e.g. ``damping``, ``curvature_interval``, ``inverse_interval``, ``warmup``,
-            ``ema_decay``, ``fisher_type``, ``ignore_modules`` (see each method's factory).
-
-    Returns:
-        A :class:`quicktrain.train.hooks.GradientMaker`.
-
-    Raises:
-        ValueError: unknown name.
-    """
-    names = list_methods()
-    if name not in _REGISTRY:
-        raise ValueError(f"Unknown preconditioner {name!r}; choose from {names}")
-    return _REGISTRY[name](model, loss_fn, **config)
-
-
-def _load_methods() -> None:
-    # the method modules register themselves on import
-    from quicktrain.precond import curveball, kbfgs, methods, newton, psgd, shampoo  # noqa: F401
-
+def type_map(kron: Callable[[str, nn.Module], Representation], embedding: Callable[[str, nn.Module], Representation],
+             norm: Callable[[str, nn.Module], Representation]) -> RepresentationMap:
+    """One representation for Linear/Conv2d, one for Embedding and one for the normalisation layers."""
+    out: RepresentationMap = {t: kron for t in KRON_TYPES}
+    out[nn.Embedding] = embedding
+    out.update({t: norm for t in NORM_TYPES})
+    return out
 
 # ------------------------------------------------------------------------------------------ config
 def check_common(damping: float, curvature_interval: int, inverse_interval: int, warmup: int,
@@ -95,6 +81,13 @@ def check_common(damping: float, curvature_interval: int, inverse_interval: int,
         raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
     if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+
+
+def no_ema(method: str, config: dict[str, Any]) -> None:
+    """Refuse a moving average for methods that keep the latest batch's rows, and set it to 0."""
+    if config.get("ema_decay") not in (None, 0.0):
+        raise ValueError(f"{method} keeps the rows of the latest curvature batch only; ema_decay must be 0 or unset")
+    config["ema_decay"] = 0.0
 
 
 def due(step: int, interval: int, warmup: int) -> bool:
@@ -113,9 +106,21 @@ def _ignored(name: str, module: nn.Module, ignore: Iterable[Any]) -> bool:
     return False
 
 
+def check_unsupported(unsupported: str) -> None:
+    """Raise ``ValueError`` unless ``unsupported`` is ``error`` or ``identity``."""
+    if unsupported not in ("error", "identity"):
+        raise ValueError(f"Unknown unsupported={unsupported!r}; choose from ['error', 'identity']")
+
+
 def select_modules(model: nn.Module, types: Iterable[type[nn.Module]], ignore: Iterable[Any] = (),
                    unsupported: str = "error", method: str = "") -> dict[str, nn.Module]:
     """Modules with trainable parameters that the method preconditions, by name.
+
+    An ``nn.MultiheadAttention`` becomes two entries when the method has a representation for ``nn.Linear``:
+    ``NAME.in_proj`` and ``NAME.out_proj``, :class:`~quicktrain.precond.capture.AttentionProjection` s (linear
+    layers over the tokens sharing the attention's parameters). Parameters that a container module holds
+    beside its children (a class token, positional embeddings on the root model) have no layer structure to
+    model; they keep the plain gradient of the loss, whatever ``unsupported`` says.
 
     Args:
         model: the (unwrapped) model.
@@ -129,19 +134,24 @@ def select_modules(model: nn.Module, types: Iterable[type[nn.Module]], ignore: I
     Returns:
         ``{name: module}`` in model order.
     """
-    if unsupported not in ("error", "identity"):
-        raise ValueError(f"Unknown unsupported={unsupported!r}; choose from ['error', 'identity']")
+    check_unsupported(unsupported)
     types = tuple(types)
     ignore = list(ignore)
     out = {}
+    inside_attention: list[str] = []
     for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if not own or _ignored(name, module, ignore):
+        if not own or _ignored(name, module, ignore) or any(name.startswith(a + ".") for a in inside_attention):
             continue
-        if isinstance(module, types):
+        if isinstance(module, ATTENTION_TYPES) and nn.Linear in types:
+            check_attention(name, module)
+            inside_attention.append(name)
+            for which in ("in_proj", "out_proj"):
+                out[f"{name}.{which}"] = AttentionProjection(module, which)
+        elif isinstance(module, types):
             check_module(name, module)
             out[name] = module
-        elif unsupported == "error":
+        elif unsupported == "error" and not any(True for _ in module.children()):
             label = name or "<root>"
             raise ValueError(f"module {label!r} ({type(module).__name__}) has trainable parameters but "
                              f"{method or 'this method'} has no representation for it (supported: "
@@ -152,15 +162,30 @@ def select_modules(model: nn.Module, types: Iterable[type[nn.Module]], ignore: I
     return out
 
 
+def trainable_params(model: nn.Module, ignore: Iterable[Any]) -> dict[str, nn.Parameter]:
+    """Trainable parameters by full name, without those of ignored modules (see :func:`select_modules`)."""
+    ignore = list(ignore)
+    out = {}
+    for mname, module in model.named_modules():
+        if _ignored(mname, module, ignore):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                out[f"{mname}.{pname}" if mname else pname] = p
+    return out
+
+
 # ------------------------------------------------------------------------------------------ makers
 class PlainGradients:
     """``sgd``: no preconditioning, same interface (``loss.backward()``); it has no curvature, so the common
-    options are validated and have no effect."""
+    options (``unsupported`` included) are validated and have no effect."""
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, *, damping: float = 1e-3,
                  curvature_interval: int = 1, inverse_interval: int = 1, warmup: int = 0,
-                 ema_decay: float | None = None, ignore_modules: Iterable[Any] = ()) -> None:
+                 ema_decay: float | None = None, ignore_modules: Iterable[Any] = (),
+                 unsupported: str = "error") -> None:
         check_common(damping, curvature_interval, inverse_interval, warmup, ema_decay)
+        check_unsupported(unsupported)
         self.model, self.loss_fn, self.step = model, loss_fn, 0
 
     def forward_backward(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -174,7 +199,7 @@ class PlainGradients:
         return {"method": "sgd", "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_method(state, "sgd")
+        check_method(state, "sgd")
         self.step = int(state["step"])
 
 
@@ -186,7 +211,8 @@ def _tensors(obj: Any) -> list[Tensor]:
     return []
 
 
-def _check_method(state: dict[str, Any], method: str) -> None:
+def check_method(state: dict[str, Any], method: str) -> None:
+    """Raise ``ValueError`` when ``state`` was saved by another method than ``method``."""
     if state.get("method") != method:
         raise ValueError(f"state was saved by preconditioner {state.get('method')!r}, not {method!r}")
 
@@ -248,7 +274,7 @@ class CurvatureGradients:
         ema_decay = 0.95 if ema_decay is None else ema_decay
         check_common(damping, curvature_interval, inverse_interval, warmup, ema_decay)
         loss_kind(loss_fn)
-        self.fisher_type = _fisher_type(fisher_type)
+        self.fisher_type = parse_fisher_type(fisher_type)
         if n_mc_samples < 1:
             raise ValueError(f"n_mc_samples must be >= 1, got {n_mc_samples}")
         self.model, self.loss_fn, self.method = model, loss_fn, method
@@ -322,9 +348,11 @@ class CurvatureGradients:
             else:
                 vecs = output_sqrt(self.loss_fn, logits, targets, self.fisher_type, n_samples=self.n_mc_samples,
                                    generator=self.rng.get(logits.device))
-                cap.backward_to_outputs(logits, vecs)
-                loss.backward()
-                scale, passes = 1.0, slice(0, len(vecs))
+                with cap.paused():  # the statistics use the Fisher's passes only
+                    loss.backward(retain_graph=True)
+                # last, so that the activations are freed while the output gradients are recorded
+                cap.backward_to_outputs(logits, vecs, retain_graph=False)
+                scale, passes = 1.0, slice(None)
         n = inputs.shape[0]
         batches = {name: cap.batch(name, n, scale, passes) for name in self.modules}
         self._update(batches)
@@ -363,7 +391,7 @@ class CurvatureGradients:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_method(state, self.method)
+        check_method(state, self.method)
         if set(state["layers"]) != set(self.reps):
             raise ValueError(f"state has layers {sorted(state['layers'])}, this maker {sorted(self.reps)}")
         self.step = int(state["step"])
@@ -373,3 +401,54 @@ class CurvatureGradients:
             rep.load_state_dict(state["layers"][name])
         if self.full is not None:
             self.full.load_state_dict(state["full"])
+
+
+class GraphMaker:
+    """Shared: forward through the unwrapped model (attention on the math kernel, which double backward needs),
+    keep the graph, average gradients over ranks. Every parameter is in the flat vector of the matrix-free
+    products, so ``unsupported`` is validated and has nothing to apply to."""
+
+    method = ""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, damping: float, curvature_interval: int,
+                 inverse_interval: int, warmup: int, ema_decay: float | None, ignore_modules: Iterable[Any],
+                 unsupported: str = "error") -> None:
+        check_common(damping, curvature_interval, inverse_interval, warmup, ema_decay)
+        check_unsupported(unsupported)
+        if ema_decay is not None:
+            raise ValueError(f"{self.method} uses the current batch's curvature only; leave ema_decay unset")
+        self.curvature_interval, self.inverse_interval, self.warmup = curvature_interval, inverse_interval, warmup
+        self.model, self.loss_fn, self.damping = unwrap(model), loss_fn, damping
+        self.params = trainable_params(self.model, ignore_modules)
+        ignored = [p for p in self.model.parameters() if p.requires_grad and all(p is not q for q in
+                                                                                self.params.values())]
+        self._plain = ignored
+        self.step = 0
+
+    def _graph(self, inputs: Tensor, targets: Tensor) -> tuple[GraphCurvature, Tensor]:
+        with math_attention():
+            logits = self.model(inputs)
+        loss = self.loss_fn(logits, targets)
+        if self._plain:
+            for p, g in zip(self._plain, torch.autograd.grad(loss, self._plain, retain_graph=True,
+                                                             materialize_grads=True), strict=True):
+                p.grad = all_reduce_mean(g.detach().clone())
+        gc = GraphCurvature(list(self.params.values()), logits, loss, self.loss_fn, targets)
+        return gc, loss
+
+    def _write(self, flat: Tensor) -> None:
+        if not bool(torch.isfinite(flat).all()):
+            raise FloatingPointError(f"{self.method}: non-finite update at step {self.step}; raise the damping")
+        for p, d in zip(self.params.values(), unflatten(flat, list(self.params.values())), strict=True):
+            p.grad = d.detach().clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_method(state, self.method)
+        self.step = int(state["step"])
+
+    def _on_device(self, t: Tensor | None) -> Tensor | None:
+        """A saved tensor moved to the parameters' device (None stays None)."""
+        return None if t is None else t.to(next(iter(self.params.values())).device)

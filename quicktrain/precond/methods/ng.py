@@ -1,4 +1,7 @@
-"""The curvature-based methods as configurations of curvature × representation × solver.
+"""Natural-gradient methods: the Fisher of per-example gradients in a dense, block, unit-wise or diagonal
+representation, with a Cholesky, SMW or elementwise solve.
+
+The curvature-based methods as configurations of curvature × representation × solver.
 
 =============  ============================================  ================  ===============
 name           representation (Linear/Conv2d, Embedding, norm)  solver          default Fisher
@@ -14,7 +17,7 @@ unitwise_ng    unit-wise blocks everywhere                   Cholesky          m
 diag_ng        diagonal                                      elementwise       mc
 =============  ============================================  ================  ===============
 
-Every factory takes the common options of :class:`~quicktrain.precond.maker.CurvatureGradients`
+Every factory takes the common options of :class:`~quicktrain.precond.makers.CurvatureGradients`
 (``damping``, ``curvature_interval``, ``inverse_interval``, ``warmup``, ``ema_decay``, ``fisher_type``,
 ``n_mc_samples``, ``ignore_modules``, ``unsupported``, ``seed``).
 """
@@ -26,67 +29,12 @@ from typing import Any
 
 from torch import nn
 
-from quicktrain.precond.ekfac import EigenCorrectedKron
-from quicktrain.precond.kfac import KronEmbedding, KronFactored, SmwKronFactored
-from quicktrain.precond.maker import CurvatureGradients, PlainGradients, RepresentationMap, register
-from quicktrain.precond.natural_gradient import Diagonal, LayerBlock, UnitWise
-from quicktrain.precond.stats import KRON_TYPES, NORM_TYPES, SUPPORTED_TYPES
+from quicktrain.precond.capture import SUPPORTED_TYPES
+from quicktrain.precond.makers import CurvatureGradients, no_ema
+from quicktrain.precond.registry import register
+from quicktrain.precond.representations import Diagonal, LayerBlock, UnitWise
 
-__all__ = ["kron_map"]
-
-
-def _per_type(kron, embedding, norm) -> RepresentationMap:
-    out: RepresentationMap = {t: kron for t in KRON_TYPES}
-    out[nn.Embedding] = embedding
-    out.update({t: norm for t in NORM_TYPES})
-    return out
-
-
-def kron_map(solver: str = "cholesky", pi_damping: bool = True, bias: str = "augment") -> RepresentationMap:
-    """K-FAC's map: Kronecker for Linear/Conv2d and Embedding, unit-wise for normalisation layers."""
-    return _per_type(partial(KronFactored, solver=solver, pi_damping=pi_damping, bias=bias),
-                     partial(KronEmbedding, pi_damping=pi_damping), UnitWise)
-
-
-@register("sgd")
-def sgd(model: nn.Module, loss_fn: nn.Module, **config: Any) -> PlainGradients:
-    """No preconditioning (the plain gradient), with the makers' interface."""
-    return PlainGradients(model, loss_fn, **config)
-
-
-@register("kfac")
-def kfac(model: nn.Module, loss_fn: nn.Module, *, solver: str = "cholesky", pi_damping: bool = True,
-         bias: str = "augment", fisher_type: str = "mc", **config: Any) -> CurvatureGradients:
-    """K-FAC (Martens & Grosse, 2015; KFC for conv): ``ΔW = (G+√λ/π I)^{-1} ∇W (A+π√λ I)^{-1}``.
-
-    Args:
-        model: the model.
-        loss_fn: the loss.
-        solver: ``cholesky`` or ``eigen`` for the damped factor inverses.
-        pi_damping: split the damping between the factors by π (``False``: ``√λ`` each).
-        bias: ``augment`` (bias column in ``A``) or ``separate`` (bias preconditioned by ``G`` only).
-        fisher_type: ``mc`` (default), ``emp`` or ``exact``.
-        **config: common options.
-    """
-    reps = kron_map(solver, pi_damping, bias)
-    return CurvatureGradients(model, loss_fn, method="kfac", reps=reps, fisher_type=fisher_type, **config)
-
-
-@register("ekfac")
-def ekfac(model: nn.Module, loss_fn: nn.Module, *, fisher_type: str = "mc", **config: Any) -> CurvatureGradients:
-    """EKFAC (George et al., 2018) for Linear/Conv2d; K-FAC for Embedding; unit-wise for norm layers."""
-    reps = _per_type(EigenCorrectedKron, KronEmbedding, UnitWise)
-    return CurvatureGradients(model, loss_fn, method="ekfac", reps=reps, fisher_type=fisher_type, **config)
-
-
-@register("skfac")
-def skfac(model: nn.Module, loss_fn: nn.Module, *, fisher_type: str = "mc", **config: Any) -> CurvatureGradients:
-    """SKFAC (Tang et al., 2021): Kronecker factors from their rows, inverted by SMW (latest batch only)."""
-    if config.get("ema_decay") not in (None, 0.0):
-        raise ValueError("skfac keeps the rows of the latest curvature batch only; ema_decay must be 0 or unset")
-    config["ema_decay"] = 0.0
-    reps = _per_type(SmwKronFactored, KronEmbedding, UnitWise)
-    return CurvatureGradients(model, loss_fn, method="skfac", reps=reps, fisher_type=fisher_type, **config)
+__all__ = ["diag_ng", "full_ng", "layerwise_ng", "seng", "smw_ng", "unitwise_ng"]
 
 
 @register("full_ng")
@@ -100,7 +48,7 @@ def full_ng(model: nn.Module, loss_fn: nn.Module, *, fisher_type: str = "mc", **
 def smw_ng(model: nn.Module, loss_fn: nn.Module, *, fisher_type: str = "emp", **config: Any) -> CurvatureGradients:
     """Natural gradient of all parameters by Sherman–Morrison–Woodbury on the per-example gradients
     (exact ``(F+λI)^{-1}∇θ`` for the batch's Fisher; cheap when the batch is smaller than the parameters)."""
-    _no_ema("smw_ng", config)
+    no_ema("smw_ng", config)
     return CurvatureGradients(model, loss_fn, method="smw_ng", reps=None, full="smw", fisher_type=fisher_type,
                               **config)
 
@@ -125,7 +73,7 @@ def seng(model: nn.Module, loss_fn: nn.Module, *, fisher_type: str = "emp", max_
         max_rows: keep a random subset of at most this many rows per layer (None keeps all).
         **config: common options.
     """
-    _no_ema("seng", config)
+    no_ema("seng", config)
     reps = {t: partial(LayerBlock, solver="smw", max_rows=max_rows) for t in SUPPORTED_TYPES}
     return CurvatureGradients(model, loss_fn, method="seng", reps=reps, fisher_type=fisher_type, **config)
 
@@ -143,9 +91,3 @@ def diag_ng(model: nn.Module, loss_fn: nn.Module, *, fisher_type: str = "mc", **
     """Diagonal natural gradient: ``Δθ = ∇θ / (diag F + λ)``."""
     reps = {t: Diagonal for t in SUPPORTED_TYPES}
     return CurvatureGradients(model, loss_fn, method="diag_ng", reps=reps, fisher_type=fisher_type, **config)
-
-
-def _no_ema(method: str, config: dict[str, Any]) -> None:
-    if config.get("ema_decay") not in (None, 0.0):
-        raise ValueError(f"{method} keeps the rows of the latest curvature batch only; ema_decay must be 0 or unset")
-    config["ema_decay"] = 0.0

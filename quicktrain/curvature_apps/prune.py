@@ -5,11 +5,11 @@
   fine-tuning with ``torch.nn.utils.prune``.
 * **Structured**: the fraction ``S`` of the output channels of every hidden layer of a chain model (the
   registry's ``mlp`` and ``cnn``; the same fraction per layer, so every score yields the same architecture) is
-  removed, giving a genuinely smaller model (:func:`quicktrain.precond.channels.shrink`).
+  removed, giving a genuinely smaller model (:func:`quicktrain.curvature_apps.channels.shrink`).
 
 Scores (:data:`SCORES`): ``magnitude`` (``|θ|``; per channel the L1 norm of its weights), ``obd-diag`` and
 ``obd-kron`` (Optimal Brain Damage saliency from the diagonal or K-FAC Fisher, see
-:mod:`quicktrain.precond.importance`).
+:mod:`quicktrain.curvature_apps.importance`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
-from quicktrain.precond.channels import channel_groups, shrink
-from quicktrain.precond.estimate import compute_curvature
-from quicktrain.precond.importance import channel_magnitude, channel_saliency, magnitude_scores, obd_saliency
-from quicktrain.precond.run_data import LoadedRun, load_run, task_batches
-from quicktrain.precond.stats import KRON_TYPES
+from quicktrain.curvature_apps.channels import channel_groups, shrink
+from quicktrain.curvature_apps.importance import channel_magnitude, channel_saliency, magnitude_scores, obd_saliency
+from quicktrain.curvature_apps.run_data import LoadedRun, load_run, task_batches
+from quicktrain.precond import KRON_TYPES, compute_curvature
 from quicktrain.train import Hooks, TrainConfig, Transform, evaluate, fit, save_checkpoint
 
 __all__ = ["SCORES", "PruneStart", "apply_masks", "channel_keep", "prune_run", "score_model", "unstructured_masks"]
@@ -170,7 +169,7 @@ def prune_run(run_dir: str | Path, sparsity: float, *, structured: bool = False,
     Returns:
         ``{"before": test/val metrics right after pruning, "metrics": final metrics, "params": count, "out": ...}``.
         ``model.pt`` has the usual keys plus ``"pruning"`` (``widths`` of the hidden layers when structured;
-        load it with :func:`quicktrain.precond.run_data.build_model`).
+        load it with :func:`quicktrain.curvature_apps.run_data.build_model`).
     """
     run = load_run(run_dir)
     tag = f"{score}-{sparsity:g}" + ("-structured" if structured else "-per-layer" if per_layer else "")

@@ -19,8 +19,10 @@ import torch
 from torch import Tensor
 
 from quicktrain.precond._math import eigh_float64, kfac_factors, kron_per_example
-from quicktrain.precond.representation import Representation, ema
-from quicktrain.precond.stats import LayerBatch, all_reduce_mean, kron_grad_matrix, kron_set_grad
+from quicktrain.precond.capture import LayerBatch
+from quicktrain.precond.distributed import all_reduce_mean
+from quicktrain.precond.representations.base import Representation, ema
+from quicktrain.precond.representations.kron import kron_grad_matrix, kron_set_grad
 
 __all__ = ["EigenCorrectedKron", "ekfac_scales"]
 
@@ -52,14 +54,14 @@ class EigenCorrectedKron(Representation):
 
     def __init__(self, name: str, module) -> None:
         super().__init__(name, module)
-        self._pending: tuple[Tensor, Tensor] | None = None
+        self._pending: tuple[Tensor, Tensor, float] | None = None  # inputs, gradients, their scale
 
     def update(self, batch: LayerBatch, decay: float) -> None:
         a, g = batch.kron_inputs(), batch.kron_grads()
-        fa, fg = kfac_factors(a, g, batch.n)
+        fa, fg = kfac_factors(a, g, batch.n, batch.scale)
         self.A = ema(self.A, all_reduce_mean(fa), decay)
         self.G = ema(self.G, all_reduce_mean(fg), decay)
-        self._pending = (a, g)
+        self._pending = (a, g, batch.scale)
         self._decay = decay
 
     def update_inverse(self, damping: float) -> None:
@@ -70,8 +72,8 @@ class EigenCorrectedKron(Representation):
     def _update_scales(self) -> None:
         if self._pending is None:
             return
-        a, g = self._pending
-        s = all_reduce_mean(ekfac_scales(a, g, self.UA, self.UG))
+        a, g, scale = self._pending
+        s = all_reduce_mean(ekfac_scales(a, g, self.UA, self.UG).mul_(scale**2))
         self.S = s if bool(self.fresh_basis) else ema(self.S, s, self._decay)
         self.fresh_basis = torch.tensor(False)
         self._pending = None

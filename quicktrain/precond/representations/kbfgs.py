@@ -20,31 +20,18 @@ reuses the loss backward).
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from quicktrain.precond._math import damped_cholesky_inverse, kfac_factors
-from quicktrain.precond.curvature import _forward_keep_buffers
-from quicktrain.precond.kfac import KronEmbedding
-from quicktrain.precond.maker import CurvatureGradients, register
-from quicktrain.precond.natural_gradient import UnitWise
-from quicktrain.precond.representation import Representation, ema
-from quicktrain.precond.stats import (
-    KRON_TYPES,
-    NORM_TYPES,
-    LayerBatch,
-    LayerCapture,
-    all_reduce_mean,
-    kron_output,
-    kron_sandwich_grad,
-)
-from quicktrain.train.hooks import unwrap
+from quicktrain.precond.capture import LayerBatch, kron_output
+from quicktrain.precond.distributed import all_reduce_mean
+from quicktrain.precond.representations.base import Representation, ema
+from quicktrain.precond.representations.kron import kron_sandwich_grad
 
-__all__ = ["KbfgsGradients", "KronBfgs", "bfgs_inverse_update", "damped_bfgs_update"]
+__all__ = ["KronBfgs", "bfgs_inverse_update", "damped_bfgs_update"]
 
 
 def bfgs_inverse_update(h: Tensor, s: Tensor, y: Tensor) -> Tensor:
@@ -98,7 +85,7 @@ def _means(batch: LayerBatch) -> tuple[Tensor, Tensor]:
     """Batch-and-position means of the layer output ``h̄`` and of the per-example output gradient ``ḡ``."""
     h = torch.cat([kron_output(batch.module, o) for o in batch.outputs], dim=1).mean((0, 1))
     g = batch.kron_grads()  # gradients of the mean loss: N·g is the per-example gradient
-    return h, g.mean(1).sum(0)
+    return h, g.mean(1).sum(0).mul_(batch.scale)
 
 
 class KronBfgs(Representation):
@@ -158,50 +145,3 @@ class KronBfgs(Representation):
     def precondition(self, damping: float) -> None:
         self.grads()  # raises naming the parameter when one has no gradient
         kron_sandwich_grad(self.module, self.H, self.A_inv, self.bias)
-
-
-class KbfgsGradients(CurvatureGradients):
-    """K-BFGS maker: :class:`CurvatureGradients` plus the secant pass on the previous curvature batch."""
-
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, *, fisher_type: str = "emp", a_inverse: str = "cholesky",
-                 bias: str = "augment", **config: Any) -> None:
-        reps = {t: functools.partial(KronBfgs, a_inverse=a_inverse, bias=bias) for t in KRON_TYPES}
-        reps[nn.Embedding] = KronEmbedding
-        reps.update({t: UnitWise for t in NORM_TYPES})
-        super().__init__(model, loss_fn, method="kbfgs", reps=reps, fisher_type=fisher_type, **config)
-        self.kron = {n: m for n, m in self.modules.items() if isinstance(self.reps[n], KronBfgs)}
-        self.previous: tuple[Tensor, Tensor] | None = None
-
-    def _curvature_step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        if self.previous is not None and self.kron:
-            self._secant_pass(*self.previous)
-        with LayerCapture(self.kron, keep_outputs=True) as cap:
-            loss, logits = super()._curvature_step(inputs, targets)
-        n = inputs.shape[0]
-        main = slice(-1, None)  # the loss backward is the last pass
-        for name in self.kron:
-            self.reps[name].record(cap.batch(name, n, 1.0, main))
-        self.previous = (inputs.detach(), targets.detach())
-        return loss, logits
-
-    def _secant_pass(self, inputs: Tensor, targets: Tensor) -> None:
-        with LayerCapture(self.kron, keep_outputs=True) as cap:
-            logits = _forward_keep_buffers(unwrap(self.model), inputs)
-            cap.backward_to_outputs(self.loss_fn(logits, targets), [None])
-        for name in self.kron:
-            self.reps[name].secant(cap.batch(name, inputs.shape[0]), self.damping)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "previous": self.previous}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        prev = state["previous"]
-        device = next(iter(self.modules.values())).weight.device
-        self.previous = None if prev is None else (prev[0].to(device), prev[1].to(device))
-
-
-@register("kbfgs")
-def kbfgs(model: nn.Module, loss_fn: nn.Module, **config: Any) -> KbfgsGradients:
-    """K-BFGS; see :class:`KbfgsGradients` (options of :class:`CurvatureGradients`)."""
-    return KbfgsGradients(model, loss_fn, **config)

@@ -23,11 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from quicktrain.precond.estimate import CurvatureEstimate, compute_curvature
-from quicktrain.precond.maker import CurvatureGradients, PlainGradients
-from quicktrain.precond.representation import _to
-from quicktrain.precond.run_data import load_run, read_model_checkpoint, task_batches
-from quicktrain.precond.shampoo import ShampooGradients
+from quicktrain.curvature_apps.run_data import load_run, read_model_checkpoint, task_batches
+from quicktrain.precond import (
+    CurvatureEstimate,
+    CurvatureGradients,
+    PlainGradients,
+    ShampooGradients,
+    compute_curvature,
+)
 from quicktrain.train import CheckpointError
 from quicktrain.train.hooks import AutogradGradients, GradientMaker, GradientMakerFactory, Initializer, unwrap
 
@@ -106,8 +109,7 @@ class EWCPenalty:
         device = torch.device(device)
         self.anchor = {k: v.to(device) for k, v in self.anchor.items()}
         for rep in self.estimate.layers.values():
-            for key, value in rep.state_dict().items():
-                setattr(rep, key, _to(value, device))
+            rep.to(device)
         return self
 
     def state_dict(self) -> dict[str, Any]:

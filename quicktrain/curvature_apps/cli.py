@@ -2,10 +2,10 @@
 
 Wire-up (by the lead, in ``quicktrain/cli.py``)::
 
-    from .precond import cli as precond_cli
-    precond_cli.add_subparser(sub)   # then dispatch with args.func(args)
+    from .curvature_apps import cli as curvature_apps_cli
+    curvature_apps_cli.add_subparser(sub)   # then dispatch with args.func(args)
 
-Stand-alone: ``python -m quicktrain.precond.cli prune runs/digits-cnn --sparsity 0.5 --structured``.
+Stand-alone: ``python -m quicktrain.curvature_apps.cli prune runs/digits-cnn --sparsity 0.5 --structured``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from quicktrain.precond.prune import SCORES, prune_run
+from quicktrain.curvature_apps.prune import SCORES, prune_run
 
 __all__ = ["add_subparser", "main", "prune_command"]
 
@@ -29,7 +29,7 @@ def _fraction(text: str) -> float:
 
 
 def prune_command(args: argparse.Namespace) -> dict:
-    """Run :func:`~quicktrain.precond.prune.prune_run` and print one line per metric set."""
+    """Run :func:`~quicktrain.curvature_apps.prune.prune_run` and print one line per metric set."""
     result = prune_run(args.run_dir, args.sparsity, structured=args.structured, score=args.score,
                        finetune_steps=args.finetune_steps, out=args.out, lr=args.lr, per_layer=args.per_layer,
                        batches=args.batches)
@@ -65,7 +65,7 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m quicktrain.precond.cli")
+    parser = argparse.ArgumentParser(prog="python -m quicktrain.curvature_apps.cli")
     add_subparser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     args.func(args)

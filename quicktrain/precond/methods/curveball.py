@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from quicktrain.precond.curvature import loss_hessian_vp, loss_kind
-from quicktrain.precond.maker import register
-from quicktrain.precond.newton import GraphMaker
-from quicktrain.precond.stats import all_reduce_mean
+from quicktrain.precond.distributed import all_reduce_mean
+from quicktrain.precond.makers import GraphMaker
+from quicktrain.precond.registry import register
 
 __all__ = ["CurveBallGradients", "curveball_coefficients"]
 
@@ -62,9 +62,9 @@ class CurveBallGradients(GraphMaker):
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, *, damping: float = 1e-3, curvature_interval: int = 1,
                  inverse_interval: int = 1, warmup: int = 0, ema_decay: float | None = None,
-                 ignore_modules: Iterable[Any] = ()) -> None:
+                 ignore_modules: Iterable[Any] = (), unsupported: str = "error") -> None:
         super().__init__(model, loss_fn, damping, curvature_interval, inverse_interval, warmup, ema_decay,
-                         ignore_modules)
+                         ignore_modules, unsupported)
         if curvature_interval != 1 or inverse_interval != 1:
             raise ValueError("curveball is matrix-free: it updates with the current batch's curvature at every "
                              "step, so curvature_interval and inverse_interval must be 1")

@@ -11,17 +11,24 @@ representations need (Kronecker inputs/gradients, per-example gradients).
 
 Supported module types: ``nn.Linear`` (any leading dims: extra dims are weight-sharing positions),
 ``nn.Conv2d`` (zeros padding, any stride/dilation/groups), ``nn.Embedding`` (no ``max_norm``, not sparse, no
-``scale_grad_by_freq``), ``nn.BatchNorm1d/2d/3d``, ``nn.LayerNorm``, ``nn.GroupNorm``.
+``scale_grad_by_freq``), ``nn.BatchNorm1d/2d/3d``, ``nn.LayerNorm``, ``nn.GroupNorm``, and
+``nn.MultiheadAttention`` as two weight-shared linear layers (:class:`AttentionProjection`).
+
+``nn.MultiheadAttention`` never calls its ``out_proj`` module and keeps the input projection as bare
+parameters: both are applied by ``F.linear`` inside ``F.multi_head_attention_forward``. While the attention
+module runs, ``torch.nn.functional.linear`` is wrapped so that those two calls (recognised by their weight) are
+recorded as the calls of two linear layers over the tokens, laid out batch first. (A ``TorchFunctionMode`` cannot
+do it: it sees ``multi_head_attention_forward`` itself and runs its body with the mode switched off.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn import functional as F  # noqa: N812
@@ -29,24 +36,54 @@ from torch.nn import functional as F  # noqa: N812
 from quicktrain.precond._math import kron_per_example
 
 __all__ = [
+    "ATTENTION_TYPES",
+    "AttentionProjection",
     "KRON_TYPES",
     "NORM_TYPES",
     "SUPPORTED_TYPES",
     "LayerBatch",
     "LayerCapture",
-    "all_gather_rows",
-    "all_reduce_mean",
     "check_module",
-    "kron_grad_matrix",
     "kron_output",
-    "kron_sandwich_grad",
-    "kron_set_grad",
 ]
 
 KRON_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 SUPPORTED_TYPES = (*KRON_TYPES, nn.Embedding, *NORM_TYPES)
+ATTENTION_TYPES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+
+
+class AttentionProjection(nn.Linear):
+    """One projection of an ``nn.MultiheadAttention`` as a linear layer over its tokens, sharing the attention's
+    parameters (``in_proj``: ``in_proj_weight``/``in_proj_bias``, ``[3E, E]``; ``out_proj``: ``out_proj``'s).
+
+    It is not part of the model and is never called: :class:`LayerCapture` records the attention's own
+    ``F.linear`` calls under it. Representations treat it as any ``nn.Linear`` whose leading dimensions (the
+    tokens) are weight-sharing positions.
+
+    Args:
+        attention: the attention module (self-attention with packed projections, no ``bias_k``/``add_zero_attn``).
+        which: ``in_proj`` or ``out_proj``.
+    """
+
+    def __init__(self, attention: nn.MultiheadAttention, which: str) -> None:
+        weight, bias = ((attention.in_proj_weight, attention.in_proj_bias) if which == "in_proj"
+                        else (attention.out_proj.weight, attention.out_proj.bias))
+        super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        self.weight, self.bias = weight, bias
+        self.which = which
+        object.__setattr__(self, "attention", attention)  # a reference, not a child: the model owns it
+
+
+def check_attention(name: str, module: nn.MultiheadAttention) -> None:
+    """Raise ``ValueError`` naming the fix for attention options the projections' statistics do not model."""
+    if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
+        raise ValueError(f"MultiheadAttention {name!r}: only packed projections (kdim = vdim = embed_dim) without "
+                         "add_bias_kv/add_zero_attn are supported; pass ignore_modules=[...] for it")
+    trainable = {p.requires_grad for p in module.parameters()}
+    if len(trainable) > 1:
+        raise ValueError(f"MultiheadAttention {name!r} has trainable and frozen parameters; freeze all or none")
 
 
 def check_module(name: str, module: nn.Module) -> None:
@@ -69,6 +106,10 @@ def check_module(name: str, module: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------ capture
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
 @dataclass
 class _Call:
     input: Tensor
@@ -76,13 +117,41 @@ class _Call:
     edge: GradientEdge | None = None
     like: tuple[torch.Size, torch.dtype, torch.device] | None = None
     grads: list[Tensor] = field(default_factory=list)
+    layout: Callable[[Tensor], Tensor] = _identity  # output-shaped tensor -> batch-first view
 
     def add_grad(self, g: Tensor | None) -> None:
         """Record one backward pass's gradient at the output (zeros where the output got none)."""
         if g is None:
             shape, dtype, device = self.like
             g = torch.zeros(shape, dtype=dtype, device=device)
-        self.grads.append(g.detach())
+        self.grads.append(self.layout(g.detach()))
+
+
+class _ProjectionCalls:
+    """While entered, ``F.linear`` records its calls whose weight is a watched attention projection's."""
+
+    def __init__(self, capture: LayerCapture, by_weight: dict[int, str], tokens: int, batch: int) -> None:
+        self.capture, self.by_weight, self.tokens, self.batch = capture, by_weight, tokens, batch
+        self.linear = F.linear
+
+    def __call__(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:  # noqa: A002
+        out = self.linear(input, weight, bias)
+        name = self.by_weight.get(id(weight))
+        if name is not None:
+            tokens, batch = self.tokens, self.batch
+
+            def layout(t: Tensor) -> Tensor:
+                # inputs are [L, N, E] (in_proj) or [L·N, E] (out_proj): both viewed as [N, L, ·]
+                return t.reshape(tokens, batch, t.shape[-1]).transpose(0, 1)
+
+            self.capture._record(name, input, out, layout)
+        return out
+
+    def __enter__(self) -> None:
+        F.linear = self
+
+    def __exit__(self, *exc: object) -> None:
+        F.linear = self.linear
 
 
 class LayerCapture:
@@ -103,13 +172,26 @@ class LayerCapture:
         self.calls: dict[str, list[_Call]] = {name: [] for name in modules}
         self._handles: list = []
         self._node_hooks_record = True  # off while backward_to_outputs records from its own results
+        self._modes: list[tuple[nn.Module, _ProjectionCalls]] = []
 
     def __enter__(self) -> LayerCapture:
+        projections: dict[int, dict[int, str]] = {}
+        owners: dict[int, nn.Module] = {}
         for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+            if isinstance(module, AttentionProjection):
+                owners[id(module.attention)] = module.attention
+                projections.setdefault(id(module.attention), {})[id(module.weight)] = name
+            else:
+                self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+        for key, attention in owners.items():
+            self._handles.append(attention.register_forward_pre_hook(self._attention_enter(projections[key]),
+                                                                     with_kwargs=True))
+            self._handles.append(attention.register_forward_hook(self._attention_exit, always_call=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
+        while self._modes:  # an exception inside an attention module's forward
+            self._modes.pop()[1].__exit__()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -120,32 +202,60 @@ class LayerCapture:
                 return
             if not isinstance(out, Tensor):
                 raise TypeError(f"module {name!r} returned {type(out).__name__}; only tensor outputs are supported")
-            call = _Call(args[0].detach(), out.detach() if self.keep_outputs else None)
-            self.calls[name].append(call)
-            node = out.grad_fn
-            if node is None:
-                return
-            call.edge = get_gradient_edge(out)
-            call.like = (out.shape, out.dtype, out.device)
-            nr = out.output_nr
-
-            def prehook(grad_outputs: tuple[Tensor | None, ...]) -> None:
-                if self._node_hooks_record:
-                    call.add_grad(grad_outputs[nr])
-
-            self._handles.append(node.register_prehook(prehook))
+            self._record(name, args[0], out)
 
         return hook
 
-    def backward_to_outputs(self, root: Tensor, vectors: Sequence[Tensor | None]) -> None:
+    def _record(self, name: str, x: Tensor, out: Tensor, layout: Callable[[Tensor], Tensor] = _identity) -> None:
+        """One call of module ``name``: its input, and a hook on the node of its output for the gradients."""
+        call = _Call(layout(x.detach()), layout(out.detach()) if self.keep_outputs else None, layout=layout)
+        self.calls[name].append(call)
+        node = out.grad_fn
+        if node is None:
+            return
+        call.edge = get_gradient_edge(out)
+        call.like = (out.shape, out.dtype, out.device)
+        nr = out.output_nr
+
+        def prehook(grad_outputs: tuple[Tensor | None, ...]) -> None:
+            if self._node_hooks_record:
+                call.add_grad(grad_outputs[nr])
+
+        self._handles.append(node.register_prehook(prehook))
+
+    def _attention_enter(self, by_weight: dict[int, str]):
+        def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> None:
+            if not torch.is_grad_enabled():
+                return
+            names = ("query", "key", "value")
+            qkv = [args[i] if i < len(args) else kwargs.get(names[i]) for i in range(3)]
+            if not (qkv[0] is qkv[1] is qkv[2]) or qkv[0].dim() != 3:
+                raise ValueError("MultiheadAttention: curvature statistics need batched self-attention, "
+                                 "attn(x, x, x) with x of 3 dims; pass ignore_modules=[...] for cross-attention")
+            x = qkv[0]
+            batch, tokens = (x.shape[0], x.shape[1]) if module.batch_first else (x.shape[1], x.shape[0])
+            calls = _ProjectionCalls(self, by_weight, tokens, batch)
+            calls.__enter__()
+            self._modes.append((module, calls))
+
+        return hook
+
+    def _attention_exit(self, module: nn.Module, args: tuple, out: object) -> None:
+        if self._modes and self._modes[-1][0] is module:
+            self._modes.pop()[1].__exit__()
+
+    def backward_to_outputs(self, root: Tensor, vectors: Sequence[Tensor | None], *,
+                            retain_graph: bool = True) -> None:
         """One extra backward pass per vector, from ``root`` down to the recorded module outputs only.
 
         Each pass appends ``vᵀ ∂root/∂out`` to every call's ``grads``, like a ``backward()`` through the node
-        hooks would, but computes no parameter gradient and leaves ``.grad`` alone. The graph is retained.
+        hooks would, but computes no parameter gradient and leaves ``.grad`` alone.
 
         Args:
             root: the tensor to differentiate (logits, or a scalar loss).
             vectors: ``grad_outputs`` of each pass (``None`` for a scalar ``root``).
+            retain_graph: keep the graph after the last pass; ``False`` lets that pass free the activations
+                as it goes, while the recorded gradients accumulate (a lower peak).
         """
         calls = [c for cs in self.calls.values() for c in cs if c.edge is not None]
         if not calls:
@@ -153,15 +263,18 @@ class LayerCapture:
         edges = [c.edge for c in calls]
         self._node_hooks_record = False
         try:
-            for v in vectors:
-                grads = torch.autograd.grad(root, edges, v, retain_graph=True, allow_unused=True)
+            for i, v in enumerate(vectors):
+                last = i == len(vectors) - 1
+                grads = torch.autograd.grad(root, edges, v, retain_graph=retain_graph or not last,
+                                            allow_unused=True)
                 for call, g in zip(calls, grads, strict=True):
                     call.add_grad(g)
         finally:
             self._node_hooks_record = True
 
     def batch(self, name: str, n: int, scale: float = 1.0, passes: slice = slice(None)) -> LayerBatch:
-        """The :class:`LayerBatch` of module ``name`` over the backward passes ``passes`` (scaled)."""
+        """The :class:`LayerBatch` of module ``name`` over the backward passes ``passes``, whose gradients stand
+        for ``scale`` times the recorded ones (the scale is folded into the statistics, not into copies)."""
         calls = self.calls[name]
         if not calls:
             raise RuntimeError(f"module {name!r} was not called in the forward pass; pass ignore_modules=[...] "
@@ -169,12 +282,45 @@ class LayerCapture:
         counts = {len(c.grads) for c in calls}
         if len(counts) != 1:
             raise RuntimeError(f"module {name!r}: its output received gradients in some backward passes only")
-        return LayerBatch(self.modules[name], [c.input for c in calls],
-                          [[g * scale if scale != 1.0 else g for g in c.grads[passes]] for c in calls], n,
-                          [c.output for c in calls])
+        return LayerBatch(self.modules[name], [c.input for c in calls], [c.grads[passes] for c in calls], n,
+                          [c.output for c in calls], scale)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Backward passes inside record nothing (the loss backward of a Monte-Carlo or exact Fisher step,
+        whose output gradients no statistic uses)."""
+        self._node_hooks_record = False
+        try:
+            yield
+        finally:
+            self._node_hooks_record = True
 
 
 # --------------------------------------------------------------------------------------- layer views
+def _conv_pad(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """The conv input with its zero padding applied (``[N, C, H, W]``)."""
+    padding = module.padding
+    if isinstance(padding, str):
+        padding = (0, 0) if padding == "valid" else tuple(d * (k - 1) // 2 for d, k in
+                                                          zip(module.dilation, module.kernel_size, strict=True))
+    return F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
+
+
+def _conv_patch_mean(module: nn.Conv2d, x: Tensor, ones: bool) -> tuple[Tensor, int]:
+    """The mean over positions of :func:`_conv_patches`, ``[N, 1, groups, d (+1)]``, and the number of
+    positions, without building the patches:
+    entry ``(c, i, j)`` is the mean of the input window that kernel offset ``(i, j)`` sees, one strided view of
+    the padded input per offset (``kh·kw`` reductions of ``[N, C, H_out, W_out]`` instead of an
+    ``[N, L, C·kh·kw]`` copy)."""
+    x = _conv_pad(module, x)
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    ho, wo = (x.shape[2] - (kh - 1) * dh - 1) // sh + 1, (x.shape[3] - (kw - 1) * dw - 1) // sw + 1
+    cols = torch.stack([x[:, :, i * dh: i * dh + (ho - 1) * sh + 1: sh, j * dw: j * dw + (wo - 1) * sw + 1: sw]
+                        .mean((-2, -1)) for i in range(kh) for j in range(kw)], dim=-1)  # [N, C, kh·kw]
+    out = cols.reshape(x.shape[0], 1, module.groups, -1)  # (channel, kh, kw) order within a group
+    return (torch.cat([out, out.new_ones(*out.shape[:-1], 1)], dim=-1) if ones else out), ho * wo
+
+
 def _conv_patches(module: nn.Conv2d, x: Tensor, ones: bool) -> Tensor:
     """Patches of a conv input as ``[N, L, groups, Cin/groups*kh*kw (+1)]``: the columns the conv multiplies by
     its weight, in the weight's (channel, kh, kw) order, with a trailing 1 per group when ``ones``.
@@ -185,13 +331,8 @@ def _conv_patches(module: nn.Conv2d, x: Tensor, ones: bool) -> Tensor:
     positions stay innermost and the per-example, per-group products of
     :func:`~quicktrain.precond._math.kfac_factors` need no transposing copy.
     """
-    padding = module.padding
-    if isinstance(padding, str):
-        padding = (0, 0) if padding == "valid" else tuple(d * (k - 1) // 2 for d, k in
-                                                          zip(module.dilation, module.kernel_size, strict=True))
+    x = _conv_pad(module, x)
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    if any(padding):
-        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
     x = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)  # n, c, h_out, w_out, ekh, ekw
     if dh > 1 or dw > 1:
         x = x[..., ::dh, ::dw]
@@ -228,55 +369,6 @@ def kron_output(module: nn.Module, t: Tensor) -> Tensor:
     return t.reshape(n, module.groups, c // module.groups, -1).permute(0, 3, 1, 2)
 
 
-def kron_grad_matrix(module: nn.Module, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Weight (and bias column) of a Linear/Conv2d as ``[groups, d_out, d_in(+1)]``."""
-    groups = getattr(module, "groups", 1)
-    w = weight.reshape(groups, weight.shape[0] // groups, -1)
-    if bias is not None:
-        w = torch.cat([w, bias.reshape(groups, -1, 1)], dim=-1)
-    return w
-
-
-def kron_sandwich_grad(module: nn.Module, left: Tensor, right: Tensor, bias: str = "augment") -> None:
-    """Replace the gradient of a Linear/Conv2d by its Kronecker-preconditioned version (per group).
-
-    ``bias="augment"``: ``right`` is ``[d+1, d+1]`` over the input with a constant 1 appended and
-    ``[∇W, ∇b] ← left [∇W, ∇b] right``, computed in blocks, ``[∇W R_ww + ∇b R_bw, ∇W R_wb + ∇b R_bb]``, so that
-    the gradient is not concatenated nor the result split and copied. ``bias="separate"`` (or no bias):
-    ``∇W ← left ∇W right`` and ``∇b ← left ∇b`` (the bias's input factor is the constant 1).
-
-    Args:
-        module: the layer, with ``weight.grad`` (and ``bias.grad``) set.
-        left: ``[groups, d_out, d_out]``.
-        right: ``[groups, d_in(+1), d_in(+1)]``.
-        bias: ``augment`` or ``separate``.
-    """
-    w = module.weight
-    wg = kron_grad_matrix(module, w.grad, None)  # [groups, d_out, d]: a view
-    if wg.shape[0] == 1:  # one group: 2-D products, faster than batched ones on CPU
-        left, right, wg = left[0], right[0], wg[0]
-    bg = None if module.bias is None else module.bias.grad.reshape(*wg.shape[:-1], 1)
-    d = wg.shape[-1]
-    if bg is None or bias == "separate":
-        w.grad = (left @ wg @ right).reshape(w.shape)
-        if bg is not None:
-            module.bias.grad = (left @ bg).reshape(module.bias.shape)
-        return
-    mid_w = wg @ right[..., :d, :d] + bg @ right[..., d:, :d]
-    mid_b = wg @ right[..., :d, d:] + bg * right[..., d:, d:]
-    w.grad = (left @ mid_w).reshape(w.shape)
-    module.bias.grad = (left @ mid_b).reshape(module.bias.shape)
-
-
-def kron_set_grad(module: nn.Module, mat: Tensor) -> None:
-    """Write ``[groups, d_out, d_in(+1)]`` back into ``weight.grad`` (and ``bias.grad``)."""
-    w = module.weight
-    if module.bias is not None:
-        module.bias.grad = mat[..., -1].reshape(module.bias.shape).contiguous()
-        mat = mat[..., :-1]
-    w.grad = mat.reshape(w.shape).contiguous()
-
-
 def _norm_xhat(module: nn.Module, x: Tensor) -> Tensor:
     """Normalised input ``x̂`` of a norm layer laid out as ``[N, U, P]`` (units, positions)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -297,6 +389,11 @@ def _norm_grad(module: nn.Module, g: Tensor) -> Tensor:
     return g.reshape(g.shape[0], g.shape[1], -1)
 
 
+def _scaled(t: Tensor, scale: float) -> Tensor:
+    """``t *= scale`` in place on a tensor computed here (nothing when the scale is 1)."""
+    return t if scale == 1.0 else t.mul_(scale)
+
+
 def _cat(ts: list[Tensor], dim: int) -> Tensor:
     """``torch.cat`` that returns a single tensor as it is instead of copying it."""
     return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
@@ -308,14 +405,17 @@ class LayerBatch:
     Args:
         module: the module.
         inputs: its input per forward call.
-        grads: ``grads[call][k]``: output gradient of backward vector ``k`` (already scaled).
+        grads: ``grads[call][k]``: output gradient of backward vector ``k``, as recorded.
         n: batch size ``N``.
         outputs: outputs per call (or Nones).
+        scale: the statistics' gradients are ``scale · grads`` (``√N`` for the empirical Fisher from the
+            mean loss's backward). :meth:`kron_grads` and :meth:`embedding_grads` return the recorded
+            gradients, which their users scale in the (smaller) statistic; the per-example views are scaled.
     """
 
     def __init__(self, module: nn.Module, inputs: list[Tensor], grads: list[list[Tensor]], n: int,
-                 outputs: list[Tensor | None] | None = None) -> None:
-        self.module, self.inputs, self.grads, self.n = module, inputs, grads, n
+                 outputs: list[Tensor | None] | None = None, scale: float = 1.0) -> None:
+        self.module, self.inputs, self.grads, self.n, self.scale = module, inputs, grads, n, scale
         self.outputs = outputs or [None] * len(inputs)
         self.k = len(grads[0])
 
@@ -323,14 +423,41 @@ class LayerBatch:
         """``[N, L, groups, d_in]`` with calls concatenated along ``L`` (bias column unless ``with_bias=False``)."""
         return _cat([_kron_input(self.module, x, with_bias) for x in self.inputs], 1)
 
+    def kron_input_chunks(self, with_bias: bool = True, max_elements: int = 1 << 22) -> Iterator[Tensor]:
+        """:meth:`kron_inputs` in consecutive chunks of examples of at most ``max_elements`` entries (at least one
+        example each), so that the patch copy of a convolution never holds the whole batch at once."""
+        m = self.module
+        if isinstance(m, nn.Conv2d) and self.inputs[0].dim() == 3:  # one unbatched example
+            yield self.kron_inputs(with_bias)
+            return
+        n = self.inputs[0].shape[0]
+        per_example = sum(_kron_input(m, x[:1], with_bias).numel() for x in self.inputs)
+        step = max(1, max_elements // per_example)
+        for i in range(0, n, step):
+            yield _cat([_kron_input(m, x[i:i + step], with_bias) for x in self.inputs], 1)
+
+    def kron_input_means(self, with_bias: bool = True) -> Tensor:
+        """:meth:`kron_inputs` averaged over the positions of all calls, ``[N, 1, groups, d_in]`` (conv patches
+        are never built: see :func:`_conv_patch_mean`)."""
+        m, ones = self.module, self.module.bias is not None and with_bias
+        if isinstance(m, nn.Conv2d):
+            means, sizes = zip(*(_conv_patch_mean(m, x if x.dim() == 4 else x.unsqueeze(0), ones)
+                                 for x in self.inputs), strict=True)
+        else:
+            a = [_kron_input(m, x, with_bias) for x in self.inputs]
+            means, sizes = [t.mean(1, keepdim=True) for t in a], [t.shape[1] for t in a]
+        if len(means) == 1:
+            return means[0]
+        return sum(mu * (s / sum(sizes)) for mu, s in zip(means, sizes, strict=True))
+
     def kron_grads(self) -> Tensor:
-        """``[K*N, L, groups, d_out]``."""
+        """``[K*N, L, groups, d_out]``, unscaled (multiply by :attr:`scale`)."""
         return _cat([_cat([kron_output(self.module, g) for g in gs], 0) for gs in self.grads], 1)
 
     def kron_per_example(self) -> Tensor:
         """Per-example gradients of a Linear/Conv2d as matrices ``[K*N, groups, d_out, d_in(+1)]`` (see
         :func:`~quicktrain.precond._math.kron_per_example`)."""
-        return kron_per_example(self.kron_inputs(), self.kron_grads())
+        return _scaled(kron_per_example(self.kron_inputs(), self.kron_grads()), self.scale)
 
     def embedding_inputs(self) -> tuple[Tensor, int]:
         """Token indices ``[N, L]`` over all calls and the number of positions per example ``L``."""
@@ -338,7 +465,7 @@ class LayerBatch:
         return idx, idx.shape[1]
 
     def embedding_grads(self) -> Tensor:
-        """``[K*N, L, D]``."""
+        """``[K*N, L, D]``, unscaled (multiply by :attr:`scale`)."""
         d = self.module.embedding_dim
         return _cat([_cat([g.reshape(g.shape[0], -1, d) for g in gs], 0) for gs in self.grads], 1)
 
@@ -355,7 +482,7 @@ class LayerBatch:
                 outs.append(torch.stack(cols, dim=-1))
         k = self.k
         per_call = [_cat(outs[i * k:(i + 1) * k], 0) for i in range(len(self.inputs))]
-        return torch.stack(per_call).sum(0)
+        return _scaled(torch.stack(per_call).sum(0), self.scale)
 
     def per_example_grads(self) -> dict[str, Tensor]:
         """Per-example (and per backward vector) parameter gradients ``{name: [K*N, *shape]}``.
@@ -383,7 +510,7 @@ class LayerBatch:
             pe.index_put_((rows.reshape(-1), idx.reshape(-1)), g.reshape(-1, m.embedding_dim), accumulate=True)
             if m.padding_idx is not None:
                 pe[:, m.padding_idx] = 0
-            return {"weight": pe}
+            return {"weight": _scaled(pe, self.scale)}
         if isinstance(m, NORM_TYPES):
             ug = self.unit_grads()
             out, i = {}, 0
@@ -394,30 +521,3 @@ class LayerBatch:
                     i += 1
             return out
         raise TypeError(f"no per-example gradients for {type(m).__name__}")
-
-
-# -------------------------------------------------------------------------------------- distributed
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_mean(t: Tensor) -> Tensor:
-    """Average ``t`` over ranks in place when ``torch.distributed`` is initialised; returns ``t``."""
-    if _distributed():
-        buf = t if t.is_contiguous() else t.contiguous()  # collectives need dense storage
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        buf /= dist.get_world_size()
-        if buf is not t:
-            t.copy_(buf)
-    return t
-
-
-def all_gather_rows(t: Tensor) -> Tensor:
-    """Concatenate the rows ``[K, ...]`` of every rank (same shape on every rank), scaled by
-    ``1/√world`` so that ``Σ rows rowsᵀ`` is the rank average."""
-    if not _distributed():
-        return t
-    world = dist.get_world_size()
-    out = t.new_empty(world * t.shape[0], *t.shape[1:])
-    dist.all_gather_into_tensor(out, t.contiguous())
-    return out / math.sqrt(world)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from quicktrain import precond
-from quicktrain.precond.ewc import EWCPenalty, consolidated, consolidation_hooks, run_initializer
-from quicktrain.precond.run_data import load_run, task_batches
+from quicktrain.curvature_apps.ewc import EWCPenalty, consolidated, consolidation_hooks, run_initializer
+from quicktrain.curvature_apps.run_data import load_run, task_batches
 from quicktrain.train import CheckpointError, Hooks, TrainConfig, fit
 
 CE = nn.CrossEntropyLoss()

@@ -5,14 +5,14 @@ import torch
 from torch import nn
 
 from quicktrain import precond
-from quicktrain.models.small import MLP, SmallCNN
-from quicktrain.precond.importance import (
+from quicktrain.curvature_apps.importance import (
     channel_magnitude,
     channel_saliency,
     curvature_diagonal,
     magnitude_scores,
     obd_saliency,
 )
+from quicktrain.models.small import MLP, SmallCNN
 
 CE = nn.CrossEntropyLoss()
 

@@ -1,11 +1,7 @@
-"""Natural-gradient representations built from per-example gradients.
+"""Dense Fisher blocks built from per-example gradients.
 
-With ``U`` the rows ``∇θ_{kn}`` (per example ``n`` and backward vector ``k``, scaled so that ``F = U^T U``),
-each representation keeps a different part of ``F`` and solves against ``F + λI``:
+With ``U`` the rows ``∇θ_{kn}`` (per example ``n`` and backward vector ``k``, scaled so that ``F = U^T U``):
 
-* :class:`UnitWise` — 2×2 (weight, bias) blocks per unit of BatchNorm/LayerNorm/GroupNorm; per output unit
-  ``[d_in, d_in]`` blocks of Linear/Conv2d; per token ``[D, D]`` blocks of an Embedding (Ollivier, 2015);
-* :class:`Diagonal` — ``diag(F)``;
 * :class:`LayerBlock` — the dense block of one module, solved by its Cholesky factor or, when rows are fewer than
   parameters, by Sherman–Morrison–Woodbury (SMW-NG, Ren & Goldfarb 2019; SENG, Yang et al. 2022, which
   sketches the rows by random subsampling);
@@ -19,18 +15,12 @@ import math
 import torch
 from torch import Tensor, nn
 
-from quicktrain.precond._math import damped_cholesky, damped_cholesky_inverse, smw_factor, smw_solve
-from quicktrain.precond.representation import Representation, ema
-from quicktrain.precond.stats import (
-    KRON_TYPES,
-    LayerBatch,
-    all_gather_rows,
-    all_reduce_mean,
-    kron_grad_matrix,
-    kron_set_grad,
-)
+from quicktrain.precond._math import damped_cholesky, smw_factor, smw_solve
+from quicktrain.precond.capture import LayerBatch
+from quicktrain.precond.distributed import all_gather_rows, all_reduce_mean
+from quicktrain.precond.representations.base import Representation, ema
 
-__all__ = ["Diagonal", "FullModel", "LayerBlock", "UnitWise", "flat_rows"]
+__all__ = ["FullModel", "LayerBlock", "flat_rows"]
 
 
 def flat_rows(batch: LayerBatch, names: list[str]) -> Tensor:
@@ -49,95 +39,6 @@ def _set_flat(params: dict[str, nn.Parameter], names: list[str], v: Tensor) -> N
         p = params[n]
         p.grad = v[i:i + p.numel()].view_as(p).clone()
         i += p.numel()
-
-
-class UnitWise(Representation):
-    """Unit-wise natural gradient blocks (see the module docstring).
-
-    .. math:: F_u = \\sum_{k,n} \\nabla\\theta_{u,kn} \\nabla\\theta_{u,kn}^\\top, \\qquad
-        \\Delta\\theta_u = (F_u + \\lambda I)^{-1} \\nabla\\theta_u
-    """
-
-    _state = ("F", "F_inv")
-
-    def _unit_rows(self, batch: LayerBatch) -> Tensor:
-        m = self.module
-        if isinstance(m, KRON_TYPES):
-            return batch.kron_per_example()  # [KN, groups, o, i]
-        if isinstance(m, nn.Embedding):
-            return batch.per_example_grads()["weight"]  # [KN, V, D]
-        return batch.unit_grads()  # [KN, U, c]
-
-    def update(self, batch: LayerBatch, decay: float) -> None:
-        rows = self._unit_rows(batch)
-        f = torch.einsum("n...i,n...j->...ij", rows, rows)
-        self.F = ema(self.F, all_reduce_mean(f), decay)
-
-    def update_inverse(self, damping: float) -> None:
-        self.F_inv = damped_cholesky_inverse(self.F, damping)
-
-    def _to_units(self, vecs: dict[str, Tensor]) -> Tensor:
-        m = self.module
-        if isinstance(m, KRON_TYPES):
-            return kron_grad_matrix(m, vecs["weight"], vecs.get("bias"))
-        if isinstance(m, nn.Embedding):
-            return vecs["weight"]
-        return torch.stack([vecs[n].reshape(-1) for n in ("weight", "bias") if n in vecs], dim=-1)
-
-    def _from_units(self, u: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
-        m = self.module
-        if isinstance(m, nn.Embedding):
-            return {"weight": u}
-        if isinstance(m, KRON_TYPES):
-            out = {}
-            if "bias" in like:
-                out["bias"] = u[..., -1].reshape(like["bias"].shape)
-                u = u[..., :-1]
-            out["weight"] = u.reshape(like["weight"].shape)
-            return out
-        names = [n for n in ("weight", "bias") if n in like]
-        return {n: u[..., i].reshape(like[n].shape) for i, n in enumerate(names)}
-
-    def precondition(self, damping: float) -> None:
-        grads = self.grads()
-        u = (self.F_inv @ self._to_units(grads).unsqueeze(-1)).squeeze(-1)
-        if isinstance(self.module, KRON_TYPES):
-            kron_set_grad(self.module, u)
-            return
-        for n, t in self._from_units(u, grads).items():
-            self.params[n].grad = t.contiguous()
-
-    def mvp(self, vecs: dict[str, Tensor]) -> dict[str, Tensor]:
-        return self._from_units((self.F @ self._to_units(vecs).unsqueeze(-1)).squeeze(-1), vecs)
-
-
-class Diagonal(Representation):
-    """Diagonal Fisher ``diag(F) = Σ_{k,n} ∇θ_{kn}^2``; ``Δθ = ∇θ / (diag(F) + λ)``."""
-
-    _state = ("D",)
-
-    def update(self, batch: LayerBatch, decay: float) -> None:
-        m = self.module
-        if isinstance(m, nn.Linear) and batch.inputs[0].dim() == 2 and len(batch.inputs) == 1:
-            a, g = batch.kron_inputs(), batch.kron_grads()  # one position: (g a^T)^2 = g^2 (a^2)^T
-            g2 = g[:, 0, 0].square().reshape(-1, a.shape[0], g.shape[-1])  # [K, N, d_out]
-            sq = torch.einsum("kno,ni->oi", g2, a[:, 0, 0].square())
-            d = {"weight": sq[:, : m.in_features]}
-            if m.bias is not None:
-                d["bias"] = sq[:, -1]
-        else:
-            d = {n: t.square().sum(0) for n, t in batch.per_example_grads().items()}
-        self.D = {n: ema(None if self.D is None else self.D[n], all_reduce_mean(d[n]), decay) for n in d}
-
-    def update_inverse(self, damping: float) -> None:
-        """Nothing to precompute."""
-
-    def precondition(self, damping: float) -> None:
-        for n, g in self.grads().items():
-            self.params[n].grad = g / (self.D[n] + damping)
-
-    def mvp(self, vecs: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {n: self.D[n] * v for n, v in vecs.items()}
 
 
 def _subsample(rows: Tensor, max_rows: int | None, generator: torch.Generator | None) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from quicktrain.models.small import MLP, SmallCNN
-from quicktrain.precond.stats import KRON_TYPES
+from quicktrain.precond import KRON_TYPES
 from quicktrain.train.hooks import unwrap
 
 __all__ = ["STRUCTURED_MODELS", "ChannelGroup", "channel_groups", "mask_channels", "shrink"]

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from quicktrain.precond.stats import LayerBatch
+from quicktrain.precond.capture import LayerBatch
 
-__all__ = ["Representation", "ema", "require_finite"]
+__all__ = ["Representation", "ema", "first_nonfinite", "require_finite"]
 
 
 def ema(old: Tensor | None, new: Tensor, decay: float) -> Tensor:
@@ -92,6 +92,12 @@ class Representation:
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._state}
+
+    def to(self, device: torch.device | str) -> Representation:
+        """Move every state tensor to ``device`` (in place); returns ``self``."""
+        for k in self._state:
+            setattr(self, k, _to(getattr(self, k), torch.device(device)))
+        return self
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = set(self._state) - set(state)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from quicktrain import data, models
-from quicktrain.precond.channels import shrink
+from quicktrain.curvature_apps.channels import shrink
 from quicktrain.train import CheckpointError, load_checkpoint
 
 __all__ = ["LoadedRun", "load_run", "task_batches"]

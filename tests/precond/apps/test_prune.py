@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from quicktrain.curvature_apps import cli
+from quicktrain.curvature_apps.channels import mask_channels, shrink
+from quicktrain.curvature_apps.prune import apply_masks, channel_keep, prune_run, unstructured_masks
+from quicktrain.curvature_apps.run_data import build_model
 from quicktrain.models.small import MLP, SmallCNN
-from quicktrain.precond import cli
-from quicktrain.precond.channels import mask_channels, shrink
-from quicktrain.precond.prune import apply_masks, channel_keep, prune_run, unstructured_masks
-from quicktrain.precond.run_data import build_model
 from quicktrain.train import TrainConfig, fit, load_checkpoint
 
 
