@@ -209,7 +209,7 @@ class BoostTransform:
             self._acts = (giant, list(plt_activations(giant).values()))
         if fresh or slope != self.slope:  # touch the buffers only when the slope changes (no CUDA syncs)
             for act in self._acts[1]:
-                act.slope.fill_(slope)
+                act.set(slope)
         self.slope = slope
 
     def _contract(self, giant: nn.Module, step: int) -> nn.Module:

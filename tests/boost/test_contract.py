@@ -162,7 +162,7 @@ def test_contract_refuses_nonlinear_giant() -> None:
     with pytest.raises(ValueError, match="not linear yet"):
         contract(giant)
     set_slope(giant, 1.0)
-    giant.classifier[1].blocks[0].act.slope.fill_(0.999)
+    giant.classifier[1].blocks[0].act.set(0.999)
     with pytest.raises(ValueError, match=r"classifier\.1\.blocks\.0\.act=0\.999"):
         contract(giant)
     with pytest.raises(ValueError, match="nothing to contract"):
