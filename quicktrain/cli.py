@@ -61,7 +61,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parts.add_argument("--curvature-interval", type=int, default=d.curvature_interval)
     parts.add_argument("--inverse-interval", type=int, default=d.inverse_interval)
     parts.add_argument("--boost", action="store_true", help="NetBooster: expand, train, linearise, contract")
-    parts.add_argument("--boost-ratio", type=int, default=d.boost_ratio)
+    parts.add_argument("--boost-ratio", type=float, default=d.boost_ratio,
+                       help="NetBooster expansion ratio r of the inserted blocks (hidden width r*C, e.g. 1.5)")
     parts.add_argument("--plt-start", type=float, default=d.plt_start, help="fraction of steps where PLT starts")
     parts.add_argument(
         "--consolidate",

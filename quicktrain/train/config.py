@@ -43,7 +43,7 @@ class TrainConfig:
     curvature_interval: int = 1
     inverse_interval: int = 1
     boost: bool = False
-    boost_ratio: int = 4
+    boost_ratio: float = 4.0
     plt_start: float = 0.5
     plt_end: float = 0.8
     consolidate: str | None = None
