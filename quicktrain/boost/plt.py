@@ -21,7 +21,6 @@ References:
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
 import torch

@@ -214,7 +214,8 @@ class BoostTransform:
         return {
             "ratio": self.ratio, "depth": self.depth, "plt_start": self.plt_start, "plt_end": self.plt_end,
             "unit": self.unit, "steps_per_epoch": self.steps_per_epoch, "update": self.update,
-            "zero_init": self.zero_init, "linear": self.linear, "layers": layers if not callable(layers) else "<callable>",
+            "zero_init": self.zero_init, "linear": self.linear,
+            "layers": layers if not callable(layers) else "<callable>",
         }
 
     def _set_slope(self, giant: nn.Module, slope: float, *, force: bool = False) -> None:
