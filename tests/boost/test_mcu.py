@@ -30,7 +30,7 @@ def test_mcu_models_are_mcu_sized(name: str, low: int, high: int) -> None:
     assert low < count_params(model) <= high
 
 
-@pytest.mark.parametrize("name", ["tinycnn", "mobilenetv2_mcu"])
+@pytest.mark.parametrize("name", ["tinycnn", pytest.param("mobilenetv2_mcu", marks=pytest.mark.slow)])  # ONNX: ~1 min
 def test_contracted_mcu_model_exports_to_onnx_with_the_same_outputs(tmp_path, name: str) -> None:
     tiny = models.get_model(name, num_classes=10, in_shape=(1, 28, 28))
     giant = expand(tiny, ratio=1.5)
