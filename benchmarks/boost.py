@@ -78,14 +78,16 @@ LAYERS: dict[str, Callable[[str, nn.Module], bool] | None] = {
 }
 
 # Schedule study: NetBooster variants, each changing one thing from the defaults of the main table.
+# The "default" rows are the main table's netbooster runs of the same seeds when boost.jsonl has them (the runs
+# are deterministic: same config, same seed, same numbers), else they are run here.
 STUDY: dict[str, dict[str, Any]] = {
     "default": {},
     "short giant (PLT 0.2-0.5)": {"plt_start": 0.2, "plt_end": 0.5},
     "long giant (PLT 0.7-0.95)": {"plt_start": 0.7, "plt_end": 0.95},
-    "abrupt PLT (0.75-0.8)": {"plt_start": 0.75, "plt_end": 0.8},
     "ratio 2": {"ratio": 2.0},
-    "depth 2": {"depth": 2},
     "conv layers only": {"layers": "conv"},
+    "abrupt PLT (0.75-0.8)": {"plt_start": 0.75, "plt_end": 0.8},
+    "depth 2": {"depth": 2},
 }
 
 
@@ -237,7 +239,8 @@ def tables(records: list[dict[str, Any]], header: str) -> str:
             theirs = _by_seed([r for r in pre if _group(r) == (model, other, other_variant)])
             mean, low, high, n = paired(mine, theirs)
             name = f"{method}{' ' + variant if variant else ''}"
-            lines.append(f"| {model} | {name} − {other} | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | {n} |")
+            other_name = f"{other}{' ' + other_variant if other_variant else ''}"
+            lines.append(f"| {model} | {name} − {other_name} | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | {n} |")
     transfer = [r for r in records if r.get("kind") == "transfer"]
     if transfer:
         lines += ["", "Downstream: fine-tuned on the transfer set (pre-training method as rows):", "",
@@ -370,6 +373,11 @@ def main(argv: list[str]) -> None:
     done = {(r["model"], r["method"], r["seed"]): r for r in records
             if r["kind"] == "pretrain" and not r.get("variant")}
 
+    main_log = out / "boost.jsonl"
+    main_boost = {(r["model"], r["seed"]): r for r in map(json.loads, main_log.read_text().splitlines())
+                  if r["kind"] == "pretrain" and r["method"] == "netbooster" and not r["variant"]
+                  and r["steps"] == args.steps * args.epochs} if args.study and main_log.exists() else {}
+
     def record(row: dict[str, Any]) -> None:
         records.append(row)
         with log.open("a") as f:
@@ -385,7 +393,6 @@ def main(argv: list[str]) -> None:
     tbase = replace(base, dataset=args.transfer or "digits", epochs=args.transfer_epochs, max_steps_per_epoch=None,
                     data_dir=None, batch_size=args.transfer_batch_size)
     runs = Path(args.runs)
-    start = time.perf_counter()
     for seed in args.seeds:
         for model in args.models:
             if args.study:
@@ -395,6 +402,9 @@ def main(argv: list[str]) -> None:
             for method, variant, change in plan:
                 name = args.reference if method == "reference" else model
                 if ("pretrain", name, method, variant, seed) in seen:
+                    continue
+                if variant == "default" and (model, seed) in main_boost:
+                    record({**main_boost[(model, seed)], "variant": variant})
                     continue
                 short = variant.split(" ")[0] if variant else ""
                 folder = runs / f"{args.tag or 'main'}-{name}-{method}-{short}-{seed}"
@@ -416,8 +426,8 @@ def main(argv: list[str]) -> None:
         f"{args.batch_size}, AdamW lr {args.lr} cosine, seeds {args.seeds}; ratio {args.ratio}, depth {args.depth}, "
         f"layers '{args.layers}', PLT {args.plt_start}-{args.plt_end}; KD T={args.kd_temperature}, "
         f"alpha={args.kd_alpha}; transfer: {args.transfer or 'none'} ({args.transfer_epochs} epochs, batch "
-        f"{args.transfer_batch_size}). CPU, one thread, runs in sequence; this invocation "
-        f"{time.perf_counter() - start:.0f}s.\n"
+        f"{args.transfer_batch_size}). CPU, one thread, runs in sequence; training wall of all runs "
+        f"{sum(r['train_wall_s'] for r in records):.0f}s.\n"
         f"Command: {command}"
     )
     text = tables(records, header)
