@@ -1,253 +1,441 @@
-"""NetBooster benchmark: vanilla training vs knowledge distillation vs NetBooster, same epochs and data.
+"""NetBooster on MCU-scale networks: fair baselines at a fixed step budget, downstream transfer, schedule
+study and the giant's step cost. CPU, one thread, contenders timed in turns in one process.
 
-For each model and seed, three methods get the same total number of epochs (``--epochs``) on the same data:
+For each model and seed, in this order (so load on the machine hits the contenders alike):
 
-* ``vanilla``: the tiny network trained for all epochs;
-* ``kd``: a giant (the same expansion NetBooster uses, trained normally) for ``--kd-teacher-fraction`` of the
-  epochs, then the tiny network distilled from it (Hinton et al., 2015) for the rest;
-* ``netbooster``: :class:`quicktrain.boost.BoostTransform` - giant, PLT between ``--plt-start`` and
-  ``--plt-end``, exact contraction, fine-tuning of the tiny network for the rest.
+* ``vanilla``: the tiny network for ``--steps`` optimizer steps (equal epochs);
+* ``netbooster``: :class:`quicktrain.boost.BoostTransform`, the same steps: giant, PLT window, exact
+  contraction, fine-tuning of the tiny network;
+* ``vanilla_wall``: the tiny network for as many steps as fit in this seed's NetBooster wall time (equal
+  wall-clock: ``steps x netbooster wall / vanilla wall``);
+* ``kd``: a teacher with the giant's architecture (the same expansion, trained normally, no PLT) for
+  ``--steps`` steps, then the tiny network distilled from it (Hinton et al., 2015) for ``--steps`` steps:
+  twice NetBooster's steps, a budget that favours KD;
+* ``linear``: the same giant with PLT slope 1 from the first step (linear over-parameterisation as in
+  ExpandNets / RepVGG re-parameterisation), contracted at the same step as NetBooster;
+* ``reference``: the large ``--reference`` model (vanilla), to show how far below it the tiny one fits.
 
-Then a transfer run: every pre-trained tiny model (and one from scratch) is fine-tuned on ``--transfer``
-(all weights but the last linear layer are loaded). Prints Markdown tables of mean +- std over seeds and
-writes ``boost.json``/``boost.md`` into ``--results``. Runs go through :func:`quicktrain.train.fit`.
+Each pre-trained tiny model (and one from scratch) is then fine-tuned on ``--transfer`` (all weights but the
+classifier loaded). ``--study`` runs NetBooster schedule variants instead; ``--cost`` times the giant's and the
+tiny network's training step in turns and profiles where the giant's time goes.
 
-    python benchmarks/boost.py --quick                       # CPU smoke version (cnn, subset of steps)
-    python benchmarks/boost.py --device cuda --jobs 18       # the full table, runs in parallel on one GPU
+Every finished run is appended to ``benchmarks/results/boost{tag}.jsonl``; a rerun skips the runs already
+there (resumable). The tables (mean ± std and paired differences with a 95% t-interval) go to
+``boost{tag}.md``.
+
+    python benchmarks/boost.py --models tinycnn                        # main table + downstream
+    python benchmarks/boost.py --models mobilenetv2_mcu --methods vanilla netbooster --tag _mcu
+    python benchmarks/boost.py --study --models tinycnn --seeds 0 1 2 --tag _study
+    python benchmarks/boost.py --cost --tag _cost
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, replace
-from multiprocessing import get_context
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from scipy import stats
 from torch import nn
 
-from quicktrain import models
+from quicktrain import data, models
 from quicktrain.boost import BoostTransform, count_macs, count_params, distillation, expand
-from quicktrain.train import Hooks, TrainConfig, Transform, fit, load_checkpoint
+from quicktrain.train import Hooks, TrainConfig, Transform, evaluate, fit, load_checkpoint
 
-METHODS = ("vanilla", "kd", "netbooster")
+METHODS = ("vanilla", "netbooster", "vanilla_wall", "kd", "linear", "reference")
+PRETRAINED = ("vanilla", "netbooster", "vanilla_wall", "kd", "linear")
+# One epoch of --steps steps (each run evaluates once, at its end: evaluations cost as much as training here);
+# the longer equal-wall-clock runs take as many epochs of at most a pass over the data as they need.
+FULL_EPOCH = 55_000  # Fashion-MNIST training examples
+TRAIN_EVAL = 10_000  # training examples on which the final train accuracy is measured (eval mode)
+
+
+def _narrow(name: str, module: nn.Module) -> bool:
+    if not isinstance(module, nn.Conv2d):
+        return True
+    widening = module.kernel_size == (1, 1) and module.out_channels > module.in_channels
+    return module.groups == 1 and not widening
+
+
+# Which layers get blocks. "narrow" leaves out 1x1 convolutions that widen (MobileNetV2's expansion layers
+# and its last layer: blocks after them act on 6x wider maps and cost most of the giant's MACs) and grouped
+# or depthwise convolutions (their blocks are per-channel MLPs, bound by memory traffic: on CPU such a block
+# takes about as long as a dense one with 48x its MACs, so the giant's time would be far above its MAC ratio).
+# The tiny CNN has neither kind, so there "narrow" is every layer.
+LAYERS: dict[str, Callable[[str, nn.Module], bool] | None] = {
+    "all": None,
+    "conv": lambda name, module: isinstance(module, nn.Conv2d),
+    "narrow": _narrow,
+}
+
+# Schedule study: NetBooster variants, each changing one thing from the defaults of the main table.
+# The "default" rows are the main table's netbooster runs of the same seeds when boost.jsonl has them (the runs
+# are deterministic: same config, same seed, same numbers), else they are run here.
+STUDY: dict[str, dict[str, Any]] = {
+    "default": {},
+    "short giant (PLT 0.2-0.5)": {"plt_start": 0.2, "plt_end": 0.5},
+    "long giant (PLT 0.7-0.95)": {"plt_start": 0.7, "plt_end": 0.95},
+    "ratio 2": {"ratio": 2.0},
+    "conv layers only": {"layers": "conv"},
+    "abrupt PLT (0.75-0.8)": {"plt_start": 0.75, "plt_end": 0.8},
+    "depth 2": {"depth": 2},
+}
 
 
 class ExpandOnly(Transform):
-    """A model transform that only expands (the KD teacher is the giant, trained normally)."""
+    """A model transform that only expands: the KD teacher is the giant trained normally."""
 
-    def __init__(self, ratio: float) -> None:
-        self.ratio = ratio
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
 
     def before_training(self, model: nn.Module) -> nn.Module:
-        return expand(model, ratio=self.ratio)
+        return expand(model, **self.kwargs)
 
 
-def _cost(model: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, int]:
-    model = model.cpu().float()
-    return count_params(model), count_macs(model, in_shape)
+_TRAIN_SUBSETS: dict[str, torch.utils.data.TensorDataset] = {}
 
 
-def run_method(job: dict[str, Any]) -> dict[str, Any]:
-    """One (model, method, seed) run; returns its metrics, wall time and final cost."""
-    torch.set_num_threads(1)
-    base = TrainConfig(**job["config"])
-    args = job["args"]
-    in_shape = tuple(models.input_shape(base.model, tuple(job["data_shape"])))
-    start = time.perf_counter()
-    method = job["method"]
+def train_accuracy(model: nn.Module, config: TrainConfig) -> float:
+    """Accuracy in eval mode on the first ``TRAIN_EVAL`` training examples (how well the model fits)."""
+    if config.dataset not in _TRAIN_SUBSETS:
+        images, labels = data.get_dataset(config.dataset, root=config.data_dir, seed=config.seed).train.tensors
+        _TRAIN_SUBSETS[config.dataset] = torch.utils.data.TensorDataset(images[:TRAIN_EVAL], labels[:TRAIN_EVAL])
+    subset = _TRAIN_SUBSETS[config.dataset]
+    shape = tuple(subset.tensors[0].shape[1:])
+    adapter = data.Adapter(shape, models.input_shape(config.model, shape))
+    device = next(model.parameters()).device
+    return evaluate(model, subset, adapter, 1000, device)["acc"]
+
+
+def boost_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    """Expansion arguments (ratio, depth, layers) of a settings dict."""
+    return {"ratio": settings["ratio"], "depth": settings["depth"], "layers": LAYERS[settings["layers"]]}
+
+
+def run_one(config: TrainConfig, method: str, settings: dict[str, Any], done: dict[tuple, dict]) -> dict[str, Any]:
+    """One pre-training run; returns its metrics, training wall time (without evaluations) and cost."""
+    in_shape = tuple(models.input_shape(config.model, (1, 28, 28)))
     extra: dict[str, Any] = {}
-    if method == "vanilla":
-        result = fit(base)
-        train_wall = result.metrics["wall"]
-    elif method == "netbooster":
-        transform = BoostTransform(ratio=args["ratio"], plt_start=args["plt_start"], plt_end=args["plt_end"])
-        result = fit(base, Hooks(transforms=[transform]))
-        train_wall = result.metrics["wall"]
-        extra["contracted_at_step"] = transform.contracted_at
+    if method in ("vanilla", "reference"):
+        result = fit(config)
+        wall = result.metrics["wall"]
+    elif method in ("netbooster", "linear"):
+        transform = BoostTransform(**boost_kwargs(settings), plt_start=settings["plt_start"],
+                                   plt_end=settings["plt_end"], linear=method == "linear", verbose=False)
+        result = fit(config, Hooks(transforms=[transform]))
+        wall = result.metrics["wall"]
+        giant = expand(models.get_model(config.model, num_classes=10, in_shape=in_shape), **boost_kwargs(settings))
+        extra.update(contracted_at_step=transform.contracted_at, giant_macs=count_macs(giant, in_shape),
+                     giant_params=count_params(giant))
+    elif method == "vanilla_wall":
+        vanilla, boosted = done[(config.model, "vanilla", config.seed)], done[(config.model, "netbooster", config.seed)]
+        scale = boosted["train_wall_s"] / vanilla["train_wall_s"]
+        total = round(config.epochs * config.max_steps_per_epoch * scale)
+        epochs = math.ceil(total / (FULL_EPOCH // config.batch_size))
+        config = replace(config, epochs=epochs, max_steps_per_epoch=round(total / epochs))
+        result = fit(config)
+        wall = result.metrics["wall"]
+        extra["wall_scale"] = scale
     elif method == "kd":
-        teacher_epochs = max(1, round(base.epochs * args["kd_teacher_fraction"]))
-        student_epochs = base.epochs - teacher_epochs
-        if student_epochs < 1:
-            raise ValueError(f"--kd-teacher-fraction leaves no epochs for the student ({base.epochs} epochs)")
-        teacher_cfg = replace(base, epochs=teacher_epochs, out=str(Path(base.out) / "teacher"))
-        teacher = fit(teacher_cfg, Hooks(transforms=[ExpandOnly(args["ratio"])]))
-        student_cfg = replace(base, epochs=student_epochs)
-        result = fit(student_cfg, Hooks(gradients=distillation(teacher.model, temperature=args["kd_temperature"],
-                                                               alpha=args["kd_alpha"])))
-        train_wall = teacher.metrics["wall"] + result.metrics["wall"]
-        extra.update(teacher_test_acc=teacher.metrics["test_acc"], teacher_epochs=teacher_epochs)
+        teacher = fit(replace(config, out=str(Path(config.out) / "teacher")),
+                      Hooks(transforms=[ExpandOnly(**boost_kwargs(settings))]))
+        result = fit(config, Hooks(gradients=distillation(teacher.model, temperature=settings["kd_temperature"],
+                                                          alpha=settings["kd_alpha"])))
+        wall = teacher.metrics["wall"] + result.metrics["wall"]
+        extra.update(teacher_test_acc=teacher.metrics["test_acc"],
+                     teacher_train_acc=train_accuracy(teacher.model, config))
     else:
         raise ValueError(f"Unknown method {method!r}; choose from {list(METHODS)}")
-    params, macs = _cost(result.model, in_shape)
+    model = result.model
     return {
-        "model": base.model, "method": method, "seed": base.seed, "test_acc": result.metrics["test_acc"],
-        "val_acc": result.metrics["val_acc"], "train_wall_s": train_wall, "total_wall_s": time.perf_counter() - start,
-        "params": params, "macs": macs, "out": base.out, **extra,
+        "model": config.model, "method": method, "seed": config.seed, "test_acc": result.metrics["test_acc"],
+        "val_acc": result.metrics["val_acc"], "train_acc": train_accuracy(model, config), "train_wall_s": wall,
+        "steps": config.epochs * config.max_steps_per_epoch, "params": count_params(model),
+        "macs": count_macs(model, in_shape), "out": config.out, **extra,
     }
 
 
-def _last_linear_prefix(model: nn.Module) -> str:
+def _head_prefix(model: nn.Module) -> str:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1] + "."
 
 
-def run_transfer(job: dict[str, Any]) -> dict[str, Any]:
-    """Fine-tune a pre-trained tiny model (or one from scratch) on the transfer data set."""
-    torch.set_num_threads(1)
-    config = TrainConfig(**job["config"])
-    source = job["source"]
-    init: Callable[[nn.Module, torch.Tensor], None] | None = None
+def run_transfer(config: TrainConfig, source: str | None) -> dict[str, Any]:
+    """Fine-tune a pre-trained tiny model (all weights but the classifier) or one from scratch."""
+    init = None
     if source is not None:
         state = load_checkpoint(Path(source) / "model.pt")["model"]
 
         def init(model: nn.Module, _: torch.Tensor) -> None:
-            head = _last_linear_prefix(model)
-            backbone = {k: v for k, v in state.items() if not k.startswith(head)}
-            missing, unexpected = model.load_state_dict(backbone, strict=False)
+            head = _head_prefix(model)
+            missing, unexpected = model.load_state_dict(
+                {k: v for k, v in state.items() if not k.startswith(head)}, strict=False)
             if unexpected or any(not k.startswith(head) for k in missing):
                 raise RuntimeError(f"pre-trained weights do not fit: missing {missing}, unexpected {unexpected}")
 
     result = fit(config, Hooks(init=init))
-    return {"model": config.model, "pretrain": job["pretrain"], "seed": config.seed,
-            "test_acc": result.metrics["test_acc"], "train_wall_s": result.metrics["wall"]}
+    return {"test_acc": result.metrics["test_acc"], "train_wall_s": result.metrics["wall"]}
 
 
-def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+# ---- statistics and tables ---------------------------------------------------------------------------------
+def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     values = [v * scale for v in values]
     std = statistics.stdev(values) if len(values) > 1 else math.nan
     return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
-def tables(results: list[dict[str, Any]], transfer: list[dict[str, Any]], header: str) -> str:
-    lines = [header, "", "| model | method | test acc (%) | train wall (s) | params | MACs |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for model in dict.fromkeys(r["model"] for r in results):
-        for method in METHODS:
-            rows = [r for r in results if r["model"] == model and r["method"] == method]
-            if rows:
-                lines.append(
-                    f"| {model} | {method} | {_mean_std([r['test_acc'] for r in rows], 100)} | "
-                    f"{_mean_std([r['train_wall_s'] for r in rows], digits=1)} | {rows[0]['params']:,} | "
-                    f"{rows[0]['macs']:,} |")
+def paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float, int]:
+    """Mean of ``a[s] - b[s]`` over common seeds (in points) and its 95% t-interval."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [100 * (a[s] - b[s]) for s in seeds]
+    if len(diffs) < 2:
+        return (diffs[0] if diffs else math.nan), math.nan, math.nan, len(diffs)
+    mean = statistics.mean(diffs)
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return mean, mean - half, mean + half, len(diffs)
+
+
+def _by_seed(rows: list[dict[str, Any]], key: str = "test_acc") -> dict[int, float]:
+    return {r["seed"]: r[key] for r in rows}
+
+
+def _group(row: dict[str, Any]) -> tuple[str, str, str]:
+    return row["model"], row["method"], row.get("variant", "")
+
+
+def tables(records: list[dict[str, Any]], header: str) -> str:
+    pre = [r for r in records if r.get("kind") == "pretrain"]
+    lines = [header, "", "| model | method | test acc (%) | train acc (%) | steps | train wall (s) | params | MACs |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    groups = dict.fromkeys(_group(r) for r in pre)
+    for model, method, variant in groups:
+        rows = [r for r in pre if _group(r) == (model, method, variant)]
+        name = f"{method}{' ' + variant if variant else ''}"
+        test, train = mean_std([r["test_acc"] for r in rows], 100), mean_std([r["train_acc"] for r in rows], 100)
+        steps, wall = statistics.mean(r["steps"] for r in rows), mean_std([r["train_wall_s"] for r in rows], digits=1)
+        lines.append(f"| {model} | {name} | {test} | {train} | {steps:.0f} | {wall} | {rows[0]['params']:,} | "
+                     f"{rows[0]['macs']:,} |")
+    lines += ["", "Paired differences in test accuracy (points, mean and 95% t-interval over seeds):", "",
+              "| model | comparison | difference | 95% interval | seeds |", "| --- | --- | --- | --- | --- |"]
+    for model, method, variant in groups:
+        if method == "vanilla" and not variant:
+            continue
+        base = "vanilla" if method != "vanilla" else None
+        comparisons = [(base, "")] if base else []
+        if method in ("vanilla_wall", "kd", "linear"):
+            comparisons.append(("netbooster", ""))
+        if variant:  # schedule study: each variant against the default schedule
+            comparisons = [] if variant == "default" else [("netbooster", "default")]
+        for other, other_variant in comparisons:
+            mine = _by_seed([r for r in pre if _group(r) == (model, method, variant)])
+            theirs = _by_seed([r for r in pre if _group(r) == (model, other, other_variant)])
+            mean, low, high, n = paired(mine, theirs)
+            name = f"{method}{' ' + variant if variant else ''}"
+            other_name = f"{other}{' ' + other_variant if other_variant else ''}"
+            lines.append(f"| {model} | {name} − {other_name} | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | {n} |")
+    transfer = [r for r in records if r.get("kind") == "transfer"]
     if transfer:
-        lines += ["", "Transfer (fine-tune on the transfer set; pre-training method as rows):", "",
-                  "| model | pre-training | test acc (%) |", "| --- | --- | --- |"]
+        lines += ["", "Downstream: fine-tuned on the transfer set (pre-training method as rows):", "",
+                  "| model | pre-training | test acc (%) | − vanilla pre-training (points, 95% interval) |",
+                  "| --- | --- | --- | --- |"]
         for model in dict.fromkeys(r["model"] for r in transfer):
-            for pre in ("scratch", *METHODS):
-                rows = [r for r in transfer if r["model"] == model and r["pretrain"] == pre]
-                if rows:
-                    lines.append(f"| {model} | {pre} | {_mean_std([r['test_acc'] for r in rows], 100)} |")
+            rows_of = {m: [r for r in transfer if r["model"] == model and r["method"] == m]
+                       for m in ("scratch", *PRETRAINED)}
+            for method, rows in rows_of.items():
+                if not rows:
+                    continue
+                mean, low, high, n = paired(_by_seed(rows), _by_seed(rows_of["vanilla"]))
+                diff = "" if method == "vanilla" else f"{mean:+.2f} [{low:+.2f}, {high:+.2f}] ({n} seeds)"
+                lines.append(f"| {model} | {method} | {mean_std([r['test_acc'] for r in rows], 100)} | {diff} |")
     return "\n".join(lines)
 
 
-def _run_all(
-    fn: Callable[[dict[str, Any]], dict[str, Any]], jobs: list[dict[str, Any]], workers: int, partial: Path
-) -> list[dict[str, Any]]:
-    """Run ``fn`` over ``jobs`` (``workers`` processes), appending each finished result to ``partial``."""
-    partial.parent.mkdir(parents=True, exist_ok=True)
+# ---- cost: giant vs tiny step time, in turns -----------------------------------------------------------
+def measure_cost(model_names: list[str], settings: dict[str, Any], batch: int, rounds: int) -> list[dict[str, Any]]:
+    """Median training-step time (forward, backward, AdamW) of tiny and giant, timed in turns, and the giant's
+    CPU time by operator (``torch.profiler``)."""
+    rows = []
+    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    for name in model_names:
+        shape = models.input_shape(name, (1, 28, 28))
+        tiny = models.get_model(name, num_classes=10, in_shape=shape)
+        giant = expand(tiny, **boost_kwargs(settings))
+        contenders = {"tiny": tiny, "giant": giant,
+                      "tiny channels_last": copy.deepcopy(tiny).to(memory_format=torch.channels_last),
+                      "giant channels_last": copy.deepcopy(giant).to(memory_format=torch.channels_last)}
+        optimizers = {k: torch.optim.AdamW(m.parameters()) for k, m in contenders.items()}
 
-    def done(result: dict[str, Any]) -> dict[str, Any]:
-        with partial.open("a") as f:
-            f.write(json.dumps(result) + "\n")
-        return result
+        def step(key: str, contenders: dict[str, nn.Module] = contenders,
+                 optimizers: dict[str, torch.optim.Optimizer] = optimizers) -> None:
+            inputs = x.contiguous(memory_format=torch.channels_last) if "channels_last" in key else x
+            loss = nn.functional.cross_entropy(contenders[key](inputs), y)
+            optimizers[key].zero_grad()
+            loss.backward()
+            optimizers[key].step()
 
-    if workers <= 1:
-        return [done(fn(job)) for job in jobs]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(fn, job) for job in jobs]
-        for future in as_completed(futures):
-            done(future.result())
-        return [f.result() for f in futures]
+        times: dict[str, list[float]] = {k: [] for k in contenders}
+        for r in range(rounds + 1):  # the first round warms up
+            for key in contenders:
+                start = time.perf_counter()
+                for _ in range(3):
+                    step(key)
+                if r:
+                    times[key].append((time.perf_counter() - start) / 3)
+        with torch.profiler.profile() as prof:
+            for _ in range(3):
+                step("giant")
+        by_op: dict[str, float] = {}
+        for event in prof.key_averages():
+            by_op[event.key] = by_op.get(event.key, 0.0) + event.self_cpu_time_total
+        total = sum(by_op.values())
+        top = {k: v / total for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:6]}
+        ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        mac_ratio = count_macs(giant, shape) / count_macs(tiny, shape)
+        rows.append({"model": name, "ms": ms, "mac_ratio": mac_ratio, "time_ratio": ms["giant"] / ms["tiny"],
+                     "time_ratio_channels_last": ms["giant channels_last"] / ms["tiny channels_last"],
+                     "giant_cpu_share_by_op": top, "batch": batch, "rounds": rounds, "ratio": settings["ratio"],
+                     "depth": settings["depth"], "layers": settings["layers"]})
+    return rows
 
 
+def cost_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | tiny ms/step | giant ms/step | giant/tiny | MAC ratio | (giant/tiny) / MAC ratio | "
+             "channels_last giant/tiny | giant CPU time by op |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        ops = ", ".join(f"{k.removeprefix('aten::')} {100 * v:.0f}%" for k, v in r["giant_cpu_share_by_op"].items())
+        lines.append(f"| {r['model']} | {r['ms']['tiny']:.1f} | {r['ms']['giant']:.1f} | {r['time_ratio']:.2f} | "
+                     f"{r['mac_ratio']:.2f} | {r['time_ratio'] / r['mac_ratio']:.2f} | "
+                     f"{r['time_ratio_channels_last']:.2f} | {ops} |")
+    return "\n".join(lines)
+
+
+# ---- driver --------------------------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="CPU version: cnn only, 2 epochs of 100 steps")
-    p.add_argument("--models", nargs="+", default=["mobilenetv2_tiny", "cnn"])
+    p.add_argument("--models", nargs="+", default=["tinycnn"])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--reference", default="cnn", help="the large model of the 'reference' rows")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--transfer", default="digits", help="fine-tuning data set ('' to skip)")
     p.add_argument("--transfer-epochs", type=int, default=10)
     p.add_argument("--transfer-batch-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps of an epoch (at most one pass)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs of a run (--steps each)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--max-steps-per-epoch", type=int, default=None)
-    p.add_argument("--ratio", type=float, default=2)
+    p.add_argument("--ratio", type=float, default=4.0)
+    p.add_argument("--depth", type=int, default=1)
+    p.add_argument("--layers", default="narrow", choices=sorted(LAYERS))
     p.add_argument("--plt-start", type=float, default=0.5)
     p.add_argument("--plt-end", type=float, default=0.8)
-    p.add_argument("--kd-teacher-fraction", type=float, default=0.5)
     p.add_argument("--kd-temperature", type=float, default=4.0)
     p.add_argument("--kd-alpha", type=float, default=0.9)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    p.add_argument("--study", action="store_true", help="NetBooster schedule variants instead of the baselines")
+    p.add_argument("--cost", action="store_true", help="only time the giant's step against the tiny one's")
+    p.add_argument("--cost-rounds", type=int, default=10)
     p.add_argument("--runs", default="runs/bench_boost", help="folder for the runs' checkpoints")
-    p.add_argument("--results", default="benchmarks/results", help="folder for boost.json and boost.md")
-    p.add_argument("--tag", default="", help="suffix of the result files (boost{tag}.json)")
+    p.add_argument("--results", default="benchmarks/results")
+    p.add_argument("--tag", default="", help="suffix of the result files (boost{tag}.jsonl/.md/.json)")
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str]) -> None:
     args = get_args_parser().parse_args(argv)
-    if args.quick:
-        args.models, args.epochs, args.max_steps_per_epoch = ["cnn"], 2, args.max_steps_per_epoch or 100
-        args.tag = args.tag or "_quick"
-    runs = Path(args.runs)
-    from quicktrain import data
-
-    data_shape = list(data.get_dataset(args.dataset, root=args.data_dir).in_shape)
-    settings = {k: getattr(args, k) for k in ("ratio", "plt_start", "plt_end", "kd_teacher_fraction",
-                                               "kd_temperature", "kd_alpha")}
-    base = TrainConfig(dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       device=args.device, data_dir=args.data_dir, max_steps_per_epoch=args.max_steps_per_epoch,
-                       progress=False)
-    jobs = [
-        {"config": asdict(replace(base, model=m, seed=s, out=str(runs / f"{m}-{method}-{s}"))), "method": method,
-         "args": settings, "data_shape": data_shape}
-        for m in args.models for method in args.methods for s in args.seeds
-    ]
-    start = time.perf_counter()
+    torch.set_num_threads(1)
     out = Path(args.results)
-    partial = out / f"boost{args.tag}.partial.jsonl"
-    partial.unlink(missing_ok=True)
-    results = _run_all(run_method, jobs, args.jobs, partial)
-    transfer: list[dict[str, Any]] = []
-    if args.transfer:
-        tbase = replace(base, dataset=args.transfer, epochs=args.transfer_epochs, max_steps_per_epoch=None,
-                        data_dir=None, batch_size=args.transfer_batch_size)
-        tjobs = [{"config": asdict(replace(tbase, model=r["model"], seed=r["seed"])), "pretrain": r["method"],
-                  "source": r["out"]} for r in results]
-        tjobs += [{"config": asdict(replace(tbase, model=m, seed=s)), "pretrain": "scratch", "source": None}
-                  for m in args.models for s in args.seeds]
-        transfer = _run_all(run_transfer, tjobs, args.jobs, partial)
-    total = time.perf_counter() - start
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: getattr(args, k) for k in ("ratio", "depth", "layers", "plt_start", "plt_end",
+                                               "kd_temperature", "kd_alpha")}
+    command = "python benchmarks/boost.py " + " ".join(argv)
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": "cpu, 1 thread"}
+    if args.cost:
+        rows = measure_cost(args.models, settings, args.batch_size, args.cost_rounds)
+        text = f"Giant vs tiny training step, batch {args.batch_size}, CPU 1 thread, in turns.\nCommand: {command}\n\n"
+        text += cost_table(rows)
+        print(text)
+        (out / f"boost{args.tag}.md").write_text(text + "\n")
+        (out / f"boost{args.tag}.json").write_text(
+            json.dumps({"command": command, "environment": env, "rows": rows}, indent=1))
+        return
+    log = out / f"boost{args.tag}.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    seen = {(r["kind"], r["model"], r["method"], r.get("variant", ""), r["seed"]) for r in records}
+    done = {(r["model"], r["method"], r["seed"]): r for r in records
+            if r["kind"] == "pretrain" and not r.get("variant")}
+
+    main_log = out / "boost.jsonl"
+    main_boost = {(r["model"], r["seed"]): r for r in map(json.loads, main_log.read_text().splitlines())
+                  if r["kind"] == "pretrain" and r["method"] == "netbooster" and not r["variant"]
+                  and r["steps"] == args.steps * args.epochs} if args.study and main_log.exists() else {}
+
+    def record(row: dict[str, Any]) -> None:
+        records.append(row)
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({k: v for k, v in row.items() if k != "out"}), flush=True)
+
+    if args.steps > FULL_EPOCH // args.batch_size:
+        raise SystemExit(f"--steps {args.steps} exceeds one pass over the data ({FULL_EPOCH // args.batch_size} "
+                         f"steps of batch {args.batch_size}); lower --steps or --batch-size")
+    steps_per_epoch = args.steps
+    base = TrainConfig(dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device="cpu",
+                       data_dir=args.data_dir, max_steps_per_epoch=steps_per_epoch, progress=False,
+                       overwrite=True)  # a run killed before its record was appended is redone
+    tbase = replace(base, dataset=args.transfer or "digits", epochs=args.transfer_epochs, max_steps_per_epoch=None,
+                    data_dir=None, batch_size=args.transfer_batch_size)
+    runs = Path(args.runs)
+    for seed in args.seeds:
+        for model in args.models:
+            if args.study:
+                plan = [("netbooster", name, variant) for name, variant in STUDY.items()]
+            else:
+                plan = [(m, "", {}) for m in args.methods]
+            for method, variant, change in plan:
+                name = args.reference if method == "reference" else model
+                if ("pretrain", name, method, variant, seed) in seen:
+                    continue
+                if variant == "default" and (model, seed) in main_boost:
+                    record({**main_boost[(model, seed)], "variant": variant})
+                    continue
+                short = variant.split(" ")[0] if variant else ""
+                folder = runs / f"{args.tag or 'main'}-{name}-{method}-{short}-{seed}"
+                config = replace(base, model=name, seed=seed, out=str(folder))
+                row = run_one(config, method, {**settings, **change}, done)
+                row.update(kind="pretrain", variant=variant)
+                record(row)
+                if not variant:
+                    done[(name, method, seed)] = row
+            if args.transfer and not args.study:
+                for method in ("scratch", *PRETRAINED):
+                    source = None if method == "scratch" else done.get((model, method, seed), {}).get("out")
+                    if ("transfer", model, method, "", seed) in seen or (method != "scratch" and source is None):
+                        continue
+                    row = run_transfer(replace(tbase, model=model, seed=seed), source)
+                    record({"kind": "transfer", "model": model, "method": method, "variant": "", "seed": seed, **row})
     header = (
-        f"NetBooster benchmark on {args.dataset}: {args.epochs} epochs"
-        + (f" of {args.max_steps_per_epoch} steps" if args.max_steps_per_epoch else "")
-        + f", batch {args.batch_size}, AdamW lr {args.lr} cosine, seeds {args.seeds}, ratio {args.ratio}, "
-        f"PLT {args.plt_start}-{args.plt_end}, KD teacher {args.kd_teacher_fraction} of the epochs "
-        f"(T={args.kd_temperature}, alpha={args.kd_alpha}); device {device}, {args.jobs} run(s) in parallel "
-        f"(wall times are per run, under that sharing); total {total:.0f}s.\n"
-        f"Command: python benchmarks/boost.py {' '.join(argv) if argv is not None else ''}".rstrip()
+        f"NetBooster on {args.dataset}: {args.epochs} epoch(s) of {args.steps} steps, batch "
+        f"{args.batch_size}, AdamW lr {args.lr} cosine, seeds {args.seeds}; ratio {args.ratio}, depth {args.depth}, "
+        f"layers '{args.layers}', PLT {args.plt_start}-{args.plt_end}; KD T={args.kd_temperature}, "
+        f"alpha={args.kd_alpha}; transfer: {args.transfer or 'none'} ({args.transfer_epochs} epochs, batch "
+        f"{args.transfer_batch_size}). CPU, one thread, runs in sequence; training wall of all runs "
+        f"{sum(r['train_wall_s'] for r in records):.0f}s.\n"
+        f"Command: {command}"
     )
-    text = tables(results, transfer, header)
+    text = tables(records, header)
     print(text)
     (out / f"boost{args.tag}.md").write_text(text + "\n")
-    env = {"torch": torch.__version__, "python": platform.python_version(), "device": device}
     (out / f"boost{args.tag}.json").write_text(json.dumps(
-        {"args": vars(args), "environment": env, "total_s": total, "results": results, "transfer": transfer},
-        indent=1))
+        {"command": command, "args": vars(args), "environment": env, "records": records}, indent=1))
 
 
 if __name__ == "__main__":

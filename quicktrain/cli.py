@@ -107,7 +107,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     part("--curvature-interval", type=int, default=d.curvature_interval, help="steps between curvature updates")
     part("--inverse-interval", type=int, default=d.inverse_interval, help="steps between inverse updates")
     part("--boost", action="store_true", help="NetBooster: expand, train, linearise, contract")
-    part("--boost-ratio", type=int, default=d.boost_ratio, help="NetBooster expansion ratio of the inserted blocks")
+    part("--boost-ratio", type=float, default=d.boost_ratio,
+         help="NetBooster expansion ratio r of the inserted blocks (hidden width r*C, e.g. 1.5)")
     part("--plt-start", type=float, default=d.plt_start, help="fraction of steps where PLT starts")
     part("--plt-end", type=float, default=d.plt_end, help="fraction of steps where slopes reach 1")
     part(

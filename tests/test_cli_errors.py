@@ -84,7 +84,7 @@ CASES = [
     (["train", "--momentum", "1.5"], ["momentum = 1.5"]),
     (["train", "--weight-decay", "-1"], ["weight_decay = -1.0"]),
     (["train", "--damping", "0"], ["damping = 0.0"]),
-    (["train", "--boost-ratio", "1"], ["boost_ratio = 1"]),
+    (["train", "--boost-ratio", "0"], ["boost_ratio = 0.0", "> 0"]),
     (["train", "--plt-start", "0.9", "--plt-end", "0.5"], ["plt_start", "plt_end"]),
     (["train", "--classes", ""], ["classes", "empty"]),
     (["train", "--classes", "abc", *QUICK], ["cannot read classes 'abc'"]),

@@ -120,7 +120,7 @@ def check_linearised(giant: nn.Module) -> None:
     Raises:
         ValueError: naming the activations whose slope is below 1 and how to fix it.
     """
-    bad = {n: float(a.slope) for n, a in plt_activations(giant).items() if float(a.slope) != 1.0}
+    bad = {n: a.negative_slope for n, a in plt_activations(giant).items() if a.negative_slope != 1.0}
     if bad:
         shown = ", ".join(f"{n}={s:.4g}" for n, s in list(bad.items())[:5])
         raise ValueError(

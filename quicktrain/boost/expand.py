@@ -87,6 +87,14 @@ class ExpansionBlock(nn.Module):
             nn.init.zeros_(self.bn2.weight)
 
     def forward(self, z: Tensor) -> Tensor:
+        channels = z.shape[1] if self.kind == "conv" else z.shape[-1]
+        if self.training and z.numel() == channels:
+            # BatchNorm's own error ("Expected more than 1 value per channel") names neither the block nor a fix.
+            raise ValueError(
+                f"a NetBooster block got one value per channel (input {tuple(z.shape)}, e.g. a batch of 1 on a "
+                "1x1 map) in train mode, where its BatchNorms need at least 2: train the giant with batch size "
+                ">= 2 (per device under DDP), or call .eval() to run single examples"
+            )
         if self.kind == "conv":
             return z + self.bn2(self.project(self.act(self.bn1(self.expand(z)))))
         flat = z.reshape(-1, z.shape[-1])
@@ -160,14 +168,16 @@ def _layer_reason(
     trace_error: str | None,
 ) -> tuple[str | None, str | None]:
     """``(bias_sink, None)`` if ``name`` can be expanded, else ``(None, reason)``."""
+    # The owner check comes first: MultiheadAttention's out_proj is a Linear subclass, but the reason it
+    # cannot be expanded is that the attention reads its weights and never calls it.
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    if isinstance(parent, nn.MultiheadAttention):
+        return None, "its weights are read directly by nn.MultiheadAttention, which never calls it"
     if type(module) not in _ELIGIBLE_TYPES:
         kind = "Conv2d" if isinstance(module, nn.Conv2d) else "Linear" if isinstance(module, nn.Linear) else None
         if kind:
             return None, f"{type(module).__name__} is a subclass of nn.{kind} whose forward may differ"
         return None, f"unsupported layer type {type(module).__name__} (only nn.Conv2d and nn.Linear)"
-    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    if isinstance(parent, nn.MultiheadAttention):
-        return None, "its weights are read directly by nn.MultiheadAttention, which never calls it"
     if module.bias is not None:
         if not trace_error and calls.get(name, 0) == 0:
             return None, "never called in forward (torch.fx trace)"

@@ -52,6 +52,9 @@ class BoostTransform:
         steps_per_epoch: optimizer steps per epoch (for ``unit="epoch"`` or ``update="epoch"``).
         update: ``"step"`` (slope changes every step) or ``"epoch"`` (slope held constant within an epoch).
         zero_init: start the blocks as identities (the giant starts as the tiny network's function).
+        linear: the ablation without the non-linear phase: the slope is 1 from the first step (the blocks are
+            affine, linear over-parameterisation as in ExpandNets and RepVGG-style re-parameterisation) and the
+            giant is still contracted at ``plt_end``; ``plt_start`` is then unused.
         verbose: print the expansion plan (expanded / skipped layers with reasons) and the contraction step
             (rank 0 only under ``torchrun``); they are logged to ``quicktrain.boost`` either way.
 
@@ -74,8 +77,13 @@ class BoostTransform:
         steps_per_epoch: int | None = None,
         update: str = "step",
         zero_init: bool = True,
+        linear: bool = False,
         verbose: bool = True,
     ) -> None:
+        if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0):
+            raise ValueError(f"expansion ratio must be a positive number (e.g. 1.5 or 4), got {ratio!r}")
+        if not (isinstance(depth, int) and depth >= 1):
+            raise ValueError(f"expansion depth must be an integer >= 1, got {depth!r}")
         if unit not in _UNITS:
             raise ValueError(f"Unknown PLT unit {unit!r}; choose from {list(_UNITS)}")
         if update not in _UPDATES:
@@ -100,6 +108,7 @@ class BoostTransform:
         if not 0 <= plt_start <= plt_end:
             raise ValueError(f"need 0 <= plt_start <= plt_end, got plt_start={plt_start}, plt_end={plt_end}")
         self.ratio, self.depth, self.layers, self.zero_init = ratio, depth, layers, zero_init
+        self.linear = linear
         self.verbose = verbose
         self.plt_start, self.plt_end, self.unit = float(plt_start), float(plt_end), unit
         self.steps_per_epoch, self.update = steps_per_epoch, update
@@ -122,7 +131,9 @@ class BoostTransform:
         return float(step)
 
     def slope_at(self, step: int, total_steps: int) -> float:
-        """PLT slope at the start of ``step`` (0-based) of ``total_steps``."""
+        """PLT slope at the start of ``step`` (0-based) of ``total_steps`` (always 1 with ``linear=True``)."""
+        if self.linear:
+            return 1.0
         return plt_slope(self.time_at(step, total_steps), self.plt_start, self.plt_end)
 
     @property
@@ -143,7 +154,10 @@ class BoostTransform:
         return giant
 
     def on_step_start(self, model: nn.Module, step: int, total_steps: int) -> nn.Module:
-        """Set the PLT slope for ``step``; contract (returning the tiny network) once it reaches 1."""
+        """Set the PLT slope for ``step``; contract (returning the tiny network) from ``plt_end`` on.
+
+        Without ``linear`` the slope reaches 1 exactly at ``plt_end`` (:func:`plt_slope`), so the giant is
+        contracted at the first step with slope 1."""
         if self.contracted:
             return model
         inner = unwrap(model)
@@ -151,7 +165,7 @@ class BoostTransform:
             raise RuntimeError("BoostTransform.on_step_start got a model without NetBooster blocks; "
                                "call before_training first and train the model it returns")
         self._set_slope(inner, self.slope_at(step, total_steps))
-        if self.slope < 1.0:
+        if self.time_at(step, total_steps) < self.plt_end:
             return model
         return self._contract(inner, step)
 
@@ -200,7 +214,8 @@ class BoostTransform:
         return {
             "ratio": self.ratio, "depth": self.depth, "plt_start": self.plt_start, "plt_end": self.plt_end,
             "unit": self.unit, "steps_per_epoch": self.steps_per_epoch, "update": self.update,
-            "zero_init": self.zero_init, "layers": layers if not callable(layers) else "<callable>",
+            "zero_init": self.zero_init, "linear": self.linear,
+            "layers": layers if not callable(layers) else "<callable>",
         }
 
     def _set_slope(self, giant: nn.Module, slope: float, *, force: bool = False) -> None:
@@ -209,7 +224,7 @@ class BoostTransform:
             self._acts = (giant, list(plt_activations(giant).values()))
         if fresh or slope != self.slope:  # touch the buffers only when the slope changes (no CUDA syncs)
             for act in self._acts[1]:
-                act.slope.fill_(slope)
+                act.set(slope)
         self.slope = slope
 
     def _contract(self, giant: nn.Module, step: int) -> nn.Module:

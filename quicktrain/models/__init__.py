@@ -1,6 +1,6 @@
 """Model zoo: ``get_model(name, num_classes=..., in_shape=(C, H, W))`` for own models and ``tv:NAME``."""
 
-from . import mobilenet, resnet, small, vit  # noqa: F401  (registers the models)
+from . import mcu, mobilenet, resnet, small, vit  # noqa: F401  (registers the models)
 from .registry import (
     TV_PREFIX,
     ModelInfo,

@@ -66,7 +66,7 @@ class TrainConfig:
     curvature_interval: int = 1
     inverse_interval: int = 1
     boost: bool = False
-    boost_ratio: int = 4
+    boost_ratio: float = 4.0
     plt_start: float = 0.5
     plt_end: float = 0.8
     consolidate: str | None = None
@@ -116,7 +116,7 @@ RANGES: dict[str, Callable[[Any], str | None]] = {
     "weight_decay": _finite(0.0),
     "ghn_noise": _finite(0.0),
     "damping": _finite(0.0, strict=True),
-    "boost_ratio": _at_least(2),
+    "boost_ratio": _finite(0.0, strict=True),
     "plt_start": _finite(0.0, high=1.0),
     "plt_end": _finite(0.0, high=1.0),
     "consolidate_strength": _finite(0.0),

@@ -27,6 +27,9 @@ CASES = {
     "resnet20": (lambda: models.get_model("resnet20", num_classes=10, in_shape=(1, 28, 28)), (1, 9, 9)),
     "mobilenetv2_tiny": (
         lambda: models.get_model("mobilenetv2_tiny", num_classes=10, in_shape=(1, 28, 28)), (1, 10, 10)),
+    "tinycnn": (lambda: models.get_model("tinycnn", num_classes=10, in_shape=(1, 28, 28)), (1, 12, 9)),
+    "mobilenetv2_mcu": (
+        lambda: models.get_model("mobilenetv2_mcu", num_classes=10, in_shape=(1, 28, 28)), (1, 28, 28)),
     "tv:mobilenet_v2@0.35": (lambda: torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=10), (3, 33, 33)),
     "tv:mobilenet_v3_small": (
         lambda: models.get_model("tv:mobilenet_v3_small", num_classes=10, in_shape=(3, 32, 32)), (3, 33, 33)),
@@ -162,7 +165,7 @@ def test_contract_refuses_nonlinear_giant() -> None:
     with pytest.raises(ValueError, match="not linear yet"):
         contract(giant)
     set_slope(giant, 1.0)
-    giant.classifier[1].blocks[0].act.slope.fill_(0.999)
+    giant.classifier[1].blocks[0].act.set(0.999)
     with pytest.raises(ValueError, match=r"classifier\.1\.blocks\.0\.act=0\.999"):
         contract(giant)
     with pytest.raises(ValueError, match="nothing to contract"):

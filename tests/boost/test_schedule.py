@@ -30,9 +30,12 @@ def test_plt_activation_is_leaky_relu_and_exact_identity_at_one() -> None:
     assert torch.equal(act(x), torch.relu(x))
     set_slope(torch.nn.Sequential(act), 0.3)
     torch.testing.assert_close(act(x), F.leaky_relu(x, 0.3), rtol=0, atol=0)
-    act.slope.fill_(1.0)
+    act.set(1.0)
     assert torch.equal(act(x), x)  # bit for bit
-    assert "slope" in act.state_dict()
+    assert float(act.state_dict()["slope"]) == 1.0
+    loaded = PLTActivation(0.0).double()
+    loaded.load_state_dict(act.state_dict())  # loading sets the slope the forward uses, not only the buffer
+    assert loaded.negative_slope == 1.0 and torch.equal(loaded(x), x)
     with pytest.raises(ValueError, match=r"slope must be in \[0, 1\]"):
         PLTActivation(1.5)
 
