@@ -58,6 +58,13 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     tr.add_argument("--save-every", type=int, default=d.save_every)
     tr.add_argument("--log-every", type=int, default=d.log_every)
     tr.add_argument("--time-budget-min", type=float, default=d.time_budget_min, help="stop after N minutes")
+    tr.add_argument(
+        "--schedule-min",
+        type=float,
+        default=d.schedule_min,
+        help="cosine learning rate over N minutes of training time (summed over resumes), then stop; "
+        "--steps is then an upper bound",
+    )
     tr.add_argument("--threads", type=int, default=d.threads, help="torch threads (0 = torch default)")
     tr.add_argument("--device", default=d.device, help="device for the GHN, the pool and the data (cpu, cuda)")
     tr.add_argument("--out", required=True, help="checkpoint path (rewritten every --save-every steps)")

@@ -57,16 +57,22 @@ class MetaTrainConfig:
     seed: int = 0
     save_every: int = 200
     log_every: int = 50
-    time_budget_min: float = 0.0  # > 0: stop (and save) after this many minutes
+    time_budget_min: float = 0.0  # > 0: stop (and save) after this many minutes of this invocation
+    schedule_min: float = 0.0  # > 0: cosine over this many minutes of training time (all resumes), then stop
     threads: int = 0  # > 0: torch.set_num_threads
     device: str = "cpu"
 
 
-def lr_at(step: int, *, base: float, warmup: int, total: int) -> float:
-    """Linear warmup to ``base`` over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+def lr_at(step: int, *, base: float, warmup: int, total: int, progress: float | None = None) -> float:
+    """Linear warmup to ``base`` over ``warmup`` steps, then cosine decay to 0 at ``total``.
+
+    ``progress`` in ``[0, 1]`` replaces ``(step - warmup) / (total - warmup)`` (a schedule over time).
+    """
     if step < warmup:
         return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if progress is None:
+        progress = (step - warmup) / max(1, total - warmup)
+    progress = min(1.0, max(0.0, progress))
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -220,7 +226,7 @@ def meta_train(
     ghn = GHN(ghn_config(cfg.size, graph_info=cfg.graph_info), info).to(device)
     opt = torch.optim.AdamW(ghn.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    start_step, skipped, prior_seconds = 0, 0, 0.0
+    start_step, skipped, prior_seconds, prior_cpu = 0, 0, 0.0, 0.0
     out = Path(out)
     if resume and out.is_file():
         payload = read_checkpoint(out)
@@ -236,6 +242,7 @@ def meta_train(
         opt.load_state_dict(tr["optimizer"])
         start_step, skipped = int(tr["step"]), int(tr["skipped"])
         prior_seconds = float(tr.get("seconds", 0.0))
+        prior_cpu = float(tr.get("cpu_seconds", 0.0))
         gen.set_state(tr["rng"][rank] if rank < len(tr["rng"]) else tr["rng"][0])
         torch.set_rng_state(tr["torch_rng"])
     ghn.train()
@@ -267,11 +274,12 @@ def meta_train(
             "rng": rngs,
             "torch_rng": torch.get_rng_state(),
             "seconds": prior_seconds + time.perf_counter() - t0,
+            "cpu_seconds": prior_cpu + time.process_time() - c0,
             "args": {k: v for k, v in asdict(cfg).items()},
         }
         save_checkpoint(out, ghn, train_state=state, command=command)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ema_loss, ema_acc = None, None
     bar = tqdm(
         range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=rank != 0, mininterval=5
@@ -279,7 +287,9 @@ def meta_train(
     step = start_step
     for step in bar:
         # lr
-        lr = lr_at(step, base=cfg.lr, warmup=cfg.warmup, total=cfg.steps)
+        trained = prior_seconds + time.perf_counter() - t0
+        progress = trained / (60 * cfg.schedule_min) if cfg.schedule_min > 0 else None
+        lr = lr_at(step, base=cfg.lr, warmup=cfg.warmup, total=cfg.steps, progress=progress)
         for group in opt.param_groups:
             group["lr"] = lr
         # sample a meta-batch of architectures and one image batch for each
@@ -330,7 +340,9 @@ def meta_train(
                 f"skipped {skipped} {time.perf_counter() - t0:.0f}s"
             )
         # checkpoint / stop
-        over_budget = cfg.time_budget_min > 0 and time.perf_counter() - t0 > 60 * cfg.time_budget_min
+        over_budget = (cfg.time_budget_min > 0 and time.perf_counter() - t0 > 60 * cfg.time_budget_min) or (
+            progress is not None and progress >= 1.0
+        )
         if (step + 1) % cfg.save_every == 0 or over_budget:
             save(step + 1, final=False)
         if over_budget:
@@ -354,12 +366,13 @@ def strip_training_state(src: str | Path, dst: str | Path) -> None:
     args = payload.get("train", {}).get("args", {})
     steps = payload.get("train", {}).get("step")
     seconds = payload.get("train", {}).get("seconds")
+    cpu_seconds = payload.get("train", {}).get("cpu_seconds")
     ghn = GHN(GHNConfig.from_dict(payload["config"]), DatasetInfo.from_dict(payload["dataset"]))
     ghn.load_state_dict(payload["state_dict"])
     save_checkpoint(
         dst,
         ghn,
-        train_state={"args": args, "step": steps, "seconds": seconds},
+        train_state={"args": args, "step": steps, "seconds": seconds, "cpu_seconds": cpu_seconds},
         command=payload.get("command", ""),
     )
 

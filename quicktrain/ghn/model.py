@@ -200,6 +200,11 @@ class DistanceBias:
             self._dense = (fw.to(torch.uint8), bw.to(torch.uint8))
         return self._dense
 
+    def pairs(self, buckets: int) -> Tensor:
+        """``[N^2]`` pair buckets ``buckets * d(i -> j) + d(j -> i)`` (row-major), from :meth:`dense`."""
+        fw, bw = self.dense()
+        return (fw.long() * buckets + bw.long()).flatten()
+
     def rows(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
         """Dense ``[stop - start, N]`` buckets of ``d(i -> j)`` and ``d(j -> i)`` for ``i`` in ``[start, stop)``."""
         dev = self.fw[0].device
@@ -215,42 +220,7 @@ class DistanceBias:
 
 
 ATTN_BLOCK = 512  # query rows per attention block: memory O(ATTN_BLOCK * N * heads) per layer
-DENSE_NODES = 1024  # graphs up to this size are attended together, padded, in one call per layer
-
-
-@dataclass
-class DenseBatch:
-    """Small graphs padded to ``n`` nodes for one batched attention call per layer (meta-training).
-
-    Attributes:
-        n: padded node count (the largest graph's).
-        idx: ``[M * n * n]`` pair buckets ``B d(i -> j) + d(j -> i)`` (padding: "far") into the table
-            ``b^{fw}[u] + b^{bw}[v]`` of all ``B^2`` pairs; every layer's bias is one ``index_select`` of its
-            table, whose backward is one ``index_add_`` (``nn.Embedding``'s dense backward sorts the indices and
-            was 20x slower on CPU for these sizes).
-        key_mask: ``[M, 1, 1, n]`` 0 for real nodes, a large negative number for padding (never attended to).
-        index: ``[sum N_g]`` position of each real node in the flattened ``[M * n]`` padded layout.
-    """
-
-    n: int
-    idx: Tensor
-    key_mask: Tensor
-    index: Tensor
-
-    @classmethod
-    def from_biases(cls, biases: list[DistanceBias], buckets: int) -> DenseBatch:
-        n = max(b.n for b in biases)
-        dev = biases[0].fw[0].device
-        far = biases[0].far
-        idx = torch.full((len(biases), n, n), far * buckets + far, dtype=torch.long, device=dev)
-        key_mask = torch.full((len(biases), 1, 1, n), -1e9, device=dev)
-        index = []
-        for g, b in enumerate(biases):
-            f, w = b.dense()
-            idx[g, : b.n, : b.n] = f.long() * buckets + w.long()
-            key_mask[g, ..., : b.n] = 0.0
-            index.append(g * n + torch.arange(b.n, device=dev))
-        return cls(n, idx.flatten(), key_mask, torch.cat(index))
+DENSE_NODES = 1024  # graphs up to this size keep their dense distances and are attended in one call
 
 
 class GraphormerLayer(nn.Module):
@@ -261,9 +231,8 @@ class GraphormerLayer(nn.Module):
                  + b^{fw}_{\\phi(i \\to j)} + b^{bw}_{\\phi(j \\to i)}
 
     where :math:`\\phi` is the (clipped) shortest-path distance; then ``h += softmax(A) V W_O`` and
-    ``h += MLP(LN(h))``. Attention is exact and full (every node attends to every node of its graph). Small
-    graphs (a meta-batch) are padded and attended in one call (:class:`DenseBatch`); large ones per graph and
-    per block of query rows, with the bias built from :class:`DistanceBias`: no ``[N, N]`` tensor is
+    ``h += MLP(LN(h))``. Attention is exact and full (every node attends to every node of its graph), per
+    graph: small graphs in one call with a cached dense bias, large ones per block of query rows, with the bias built from :class:`DistanceBias`: no ``[N, N]`` tensor is
     materialised, so a 3,500-node ResNet-998 graph needs ``O(block * N)`` memory.
     """
 
@@ -283,38 +252,36 @@ class GraphormerLayer(nn.Module):
         nn.init.zeros_(self.sp_bw.weight)
 
     def forward(
-        self, h: Tensor, biases: list[DistanceBias], dense: DenseBatch | None = None, *, block: int = ATTN_BLOCK
+        self, h: Tensor, biases: list[DistanceBias], pairs: list[Tensor | None] | None = None, *, block: int = ATTN_BLOCK
     ) -> Tensor:
-        """``h [sum N_g, hid]``: the nodes of all graphs, concatenated in the order of ``biases``."""
+        """``h [sum N_g, hid]``: the nodes of all graphs, concatenated in the order of ``biases``.
+
+        ``pairs[g]``: for a small graph, its ``[N^2]`` pair buckets ``B d(i -> j) + d(j -> i)`` into the table
+        ``b^{fw}[u] + b^{bw}[v]`` of all ``B^2`` pairs (:meth:`DistanceBias.pairs`): its whole bias is one
+        ``index_select``, whose backward is one ``index_add_`` (``nn.Embedding``'s dense backward sorts the
+        indices and was 20x slower on CPU here). ``None``: blocks of query rows from the sparse distances.
+        """
         n_all, d = h.shape
         if n_all != sum(b.n for b in biases):
             raise ValueError(f"h has {n_all} nodes but the graphs have {sum(b.n for b in biases)}")
-        dh = d // self.heads
-        qkv = self.qkv(self.ln1(h))
-        if dense is not None:
-            m, n = len(biases), dense.n
-            padded = qkv.new_zeros(m * n, 3 * d).index_copy(0, dense.index, qkv)
-            q, k, v = padded.view(m, n, 3, self.heads, dh).permute(2, 0, 3, 1, 4)  # [M, heads, n, dh] each
-            table = (self.sp_fw.weight.t()[:, :, None] + self.sp_bw.weight.t()[:, None, :]).flatten(1)
-            bias = table.index_select(1, dense.idx).view(self.heads, m, n, n).transpose(0, 1)  # [M, heads, n, n]
-            mask = bias + dense.key_mask
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [M, heads, n, dh]
-            att = out.transpose(1, 2).reshape(m * n, d)[dense.index]
-        else:
-            q, k, v = qkv.reshape(n_all, 3, self.heads, dh).permute(1, 2, 0, 3)
-            parts: list[Tensor] = []
-            start = 0
-            for bias in biases:
-                kg, vg = k[:, start : start + bias.n], v[:, start : start + bias.n]
+        pairs = pairs if pairs is not None else [None] * len(biases)
+        q, k, v = self.qkv(self.ln1(h)).reshape(n_all, 3, self.heads, d // self.heads).permute(1, 2, 0, 3)
+        table = (self.sp_fw.weight.t()[:, :, None] + self.sp_bw.weight.t()[:, None, :]).flatten(1)
+        parts: list[Tensor] = []
+        start = 0
+        for bias, pair in zip(biases, pairs, strict=True):
+            qg, kg, vg = (t[:, start : start + bias.n] for t in (q, k, v))
+            if pair is not None:
+                mask = table.index_select(1, pair).view(self.heads, bias.n, bias.n)
+                parts.append(F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask))
+            else:
                 for r0 in range(0, bias.n, block):
                     r1 = min(bias.n, r0 + block)
                     fw, bw = bias.rows(r0, r1)
                     mask = (self.sp_fw(fw) + self.sp_bw(bw)).permute(2, 0, 1)  # [heads, rows, N]
-                    parts.append(
-                        F.scaled_dot_product_attention(q[:, start + r0 : start + r1], kg, vg, attn_mask=mask)
-                    )
-                start += bias.n
-            att = torch.cat(parts, 1).transpose(0, 1).reshape(n_all, d)
+                    parts.append(F.scaled_dot_product_attention(qg[:, r0:r1], kg, vg, attn_mask=mask))
+            start += bias.n
+        att = torch.cat(parts, 1).transpose(0, 1).reshape(n_all, d)
         h = h + self.proj(att)
         return h + self.mlp(self.ln2(h))
 
@@ -547,20 +514,17 @@ class GHN(nn.Module):
     def embed(self, graphs: list[Graph] | list[PreparedGraph]) -> list[Tensor]:
         """Node embeddings ``[N_g, hid]`` of each graph after the Graphormer layers.
 
-        The graphs' nodes are concatenated (no padding); attention stays within each graph. When every graph
-        has at most :data:`DENSE_NODES` nodes they are padded and attended in one call per layer.
+        The graphs' nodes are concatenated (no padding); attention stays within each graph. Graphs of at most
+        :data:`DENSE_NODES` nodes are attended in one call each, with their dense distances kept.
         """
         prepared = [self.prepare(g) for g in graphs]
         feats = [self.node_features(p) for p in prepared]
         h = torch.cat([f[0] for f in feats])
         biases = [f[1] for f in feats]
-        dense = (
-            DenseBatch.from_biases(biases, self.config.sp_cutoff + 2)
-            if max(b.n for b in biases) <= DENSE_NODES
-            else None
-        )
+        buckets = self.config.sp_cutoff + 2
+        pairs = [b.pairs(buckets) if b.n <= DENSE_NODES else None for b in biases]
         for layer in self.layers:
-            h = layer(h, biases, dense)
+            h = layer(h, biases, pairs)
         return list(self.ln(h).split([p.n for p in prepared]))
 
     def forward(self, graphs: Graph | PreparedGraph | list) -> list[dict[str, Tensor]]:
@@ -819,7 +783,6 @@ __all__ = [
     "predicted_param_regularizer",
     "tile_code",
     "ConvDecoder",
-    "DenseBatch",
     "PreparedGraph",
     "ParamJob",
 ]
