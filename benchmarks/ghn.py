@@ -5,12 +5,16 @@
 (2) accuracy after k = 0, 10, 50, 200 fine-tuning steps from GHN init vs default init (same Adam learning
     rate grid for both; the best rate of the grid is reported at each k) and steps saved to reach a target;
 (3) ablations: GHNs meta-trained without graph information and without the parameter regulariser;
-(4) prediction time per model and GHN training time (read from the checkpoints).
+(4) prediction time per model and GHN training time (read from the checkpoints);
+(5) meta-training throughput: architecture-samples per CPU-second of this code's meta-training step (a fixed
+    architecture pool, per-architecture image batches) against the code of ``--baseline-commit`` (the step of
+    issue 13's "current code": new networks built and traced every step), measured in turns in one process.
 
 Usage::
 
-    python benchmarks/ghn.py --datasets digits fashion-mnist --archs 10 \
+    python benchmarks/ghn.py --datasets digits fashion-mnist --archs 16 \
         --ablations digits:/tmp/ghnruns/digits-nograph.pt,/tmp/ghnruns/digits-noreg.pt
+    python benchmarks/ghn.py --datasets --throughput-rounds 6   # throughput only
 
 Writes ``benchmarks/results/ghn.json`` and prints Markdown tables. Very deep/large targets, GHN size and
 few-shot transfer are in the sibling ``benchmarks/ghn_scale.py``.
@@ -19,9 +23,13 @@ few-shot transfer are in the sibling ``benchmarks/ghn_scale.py``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -31,8 +39,18 @@ import torch.nn.functional as F
 
 from quicktrain import models
 from quicktrain.data import get_dataset
-from quicktrain.ghn import build_arch, load_checkpoint, predict_into, reestimate_bn, shipped_checkpoints
+from quicktrain.ghn import (
+    GHN,
+    DatasetInfo,
+    build_arch,
+    ghn_config,
+    load_checkpoint,
+    predict_into,
+    reestimate_bn,
+    shipped_checkpoints,
+)
 from quicktrain.ghn.checkpoint import read_checkpoint
+from quicktrain.ghn.meta import ArchPool, meta_loss
 
 REGISTRY = ["cnn", "mlp", "resnet20", "vit_tiny", "mobilenetv2_tiny"]
 SPLITS = ["test", "deep", "wide"]
@@ -43,9 +61,7 @@ LRS = [1e-3, 3e-3]
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
-    correct = sum(
-        int((model(a).argmax(1) == b).sum()) for a, b in zip(x.split(500), y.split(500), strict=True)
-    )
+    correct = sum(int((model(a).argmax(1) == b).sum()) for a, b in zip(x.split(500), y.split(500), strict=True))
     return correct / len(y)
 
 
@@ -68,10 +84,11 @@ def init_model(name, ds, ghn, bn, *, use_ghn: bool, seed: int, noise: float = 0.
                 model,
                 ghn,
                 example_inputs=bn[0][:2],
+                bn_batches=bn,
                 noise=noise,
                 generator=torch.Generator().manual_seed(seed),
             )
-        seconds = rep.seconds
+        return model, rep.seconds
     reestimate_bn(model, bn)
     return model, seconds
 
@@ -188,10 +205,107 @@ def tv_timing(names: list[str]) -> dict:
     out = {}
     for n in names:
         model = models.get_model(f"tv:{n}", num_classes=10, in_shape=(3, 32, 32))
-        rep = predict_into(model, ghn, example_inputs=torch.zeros(2, 3, 32, 32))
+        rep = predict_into(model, ghn, example_inputs=torch.zeros(2, 3, 32, 32), bn_batches="keep")  # timing only
         params = sum(p.numel() for p in model.parameters())
         out[n] = {"seconds": rep.seconds, "params": params, "tensors": len(rep.predicted)}
         print(f"[timing] {n}: {params / 1e6:.1f} M params, {len(rep.predicted)} tensors, {rep.seconds:.2f} s")
+    return out
+
+
+def _baseline_package(commit: str):
+    """The ``quicktrain/ghn`` package of ``commit`` as a top-level package ``ghn_baseline`` (a temp copy)."""
+    root = Path(tempfile.mkdtemp(prefix="ghn-baseline-"))
+    pkg = root / "ghn_baseline"
+    pkg.mkdir()
+    names = subprocess.run(
+        ["git", "ls-tree", "--name-only", commit, "quicktrain/ghn/"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in names:
+        src = subprocess.run(["git", "show", f"{commit}:{name}"], capture_output=True, text=True, check=True)
+        (pkg / Path(name).name).write_text(src.stdout)
+    sys.path.insert(0, str(root))
+    return importlib.import_module("ghn_baseline.meta"), importlib.import_module("ghn_baseline.model")
+
+
+def throughput(args) -> dict:
+    """Architecture-samples per CPU-second (and per wall-second) of one meta-training step, in turns.
+
+    Every contender runs the full step of its ``meta_train``: sample, predict with gradients, the predicted
+    networks' forward and backward, GHN backward, clipping, AdamW. The baseline builds and traces new networks
+    every step (its meta-batch 2 x 32 images is what the shipped GHNs were trained with); the pool contender
+    samples from an :class:`ArchPool` built beforehand (its one-time build cost is reported separately).
+    """
+    old_meta, old_model = _baseline_package(args.baseline_commit)
+    data = get_dataset(args.throughput_dataset)
+    xs, ys = data.train.tensors
+    shape, classes = tuple(data.in_shape), int(data.num_classes)
+    torch.manual_seed(0)
+    old_ghn = old_model.GHN(old_model.ghn_config("T"), old_model.DatasetInfo("x", shape, classes))
+    new_ghn = GHN(ghn_config("T"), DatasetInfo("x", shape, classes))
+    t = time.process_time()
+    pool = ArchPool(new_ghn, args.throughput_pool, seed=0, in_shape=shape, num_classes=classes)
+    for j in range(len(pool)):
+        pool[j]
+    build = (time.process_time() - t) / len(pool)
+    gen = torch.Generator().manual_seed(0)
+    opts = {id(g): torch.optim.AdamW(g.parameters(), lr=1e-4) for g in (old_ghn, new_ghn)}
+
+    def step(ghn, models, x, y, graphs=None) -> None:
+        opt = opts[id(ghn)]
+        opt.zero_grad(set_to_none=True)
+        kw = {"graphs": graphs} if graphs is not None else {}
+        total, _, _ = (meta_loss if ghn is new_ghn else old_meta.meta_loss)(ghn, models, x, y, reg=3e-5, **kw)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(ghn.parameters(), 5.0)
+        opt.step()
+
+    def baseline(m: int, b: int) -> None:
+        idx = torch.randint(1_000_000, (m,), generator=gen).tolist()
+        models = [old_meta.build_arch("train", i, in_shape=shape, num_classes=classes) for i in idx]
+        sel = torch.randint(len(ys), (b,), generator=gen)
+        step(old_ghn, models, xs[sel], ys[sel])
+
+    def pooled(m: int, b: int) -> None:
+        idx = torch.randint(len(pool), (m,), generator=gen).tolist()
+        models, graphs = map(list, zip(*(pool[j] for j in idx), strict=True))
+        sel = torch.randint(len(ys), (m, b), generator=gen)
+        step(new_ghn, models, list(xs[sel]), list(ys[sel]), graphs)
+
+    contenders = {
+        "baseline, meta-batch 2 x 32 images": (baseline, 2, 32),
+        "pool, meta-batch 8 x 8 images": (pooled, 8, 8),
+        "pool, meta-batch 8 x 32 images": (pooled, 8, 32),
+    }
+    cpu = dict.fromkeys(contenders, 0.0)
+    wall = dict.fromkeys(contenders, 0.0)
+    samples = dict.fromkeys(contenders, 0)
+    for fn, m, b in contenders.values():  # warm-up (first calls allocate)
+        fn(m, b)
+    for r in range(args.throughput_rounds):
+        for name, (fn, m, b) in contenders.items():
+            c0, w0 = time.process_time(), time.perf_counter()
+            for _ in range(args.throughput_steps):
+                fn(m, b)
+            cpu[name] += time.process_time() - c0
+            wall[name] += time.perf_counter() - w0
+            samples[name] += m * args.throughput_steps
+        print(f"[throughput] round {r + 1}/{args.throughput_rounds} done", flush=True)
+    base = samples["baseline, meta-batch 2 x 32 images"] / cpu["baseline, meta-batch 2 x 32 images"]
+    out = {
+        "dataset": args.throughput_dataset,
+        "baseline_commit": args.baseline_commit,
+        "pool_build_cpu_s_per_arch": build,
+        "contenders": {},
+    }
+    for name, (_, m, b) in contenders.items():
+        out["contenders"][name] = {
+            "meta_batch": m,
+            "images_per_arch": b,
+            "arch_samples_per_cpu_s": samples[name] / cpu[name],
+            "cpu_s_per_step": cpu[name] / (samples[name] / m),
+            "arch_samples_per_wall_s": samples[name] / wall[name],
+            "vs_baseline": samples[name] / cpu[name] / base,
+        }
     return out
 
 
@@ -201,13 +315,16 @@ def main() -> None:
     p.add_argument("--archs", type=int, default=10, help="architectures per split")
     p.add_argument("--test-size", type=int, default=1000)
     p.add_argument("--finetune", nargs="*", default=["test:0", "cnn", "resnet20"])
-    p.add_argument(
-        "--target-frac", type=float, default=0.95, help="target = frac * default-init acc at k=200"
-    )
+    p.add_argument("--target-frac", type=float, default=0.95, help="target = frac * default-init acc at k=200")
     p.add_argument("--noise", type=float, default=0.05, help="GHN-init symmetry-breaking noise (fine-tuning)")
     p.add_argument("--ablations", nargs="*", default=[], help="DATASET:CKPT[,CKPT...] GHNs to compare")
     p.add_argument("--tv-timing", nargs="*", default=[], help="torchvision models to time prediction on")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--throughput-rounds", type=int, default=4, help="rounds of turns (0 = skip throughput)")
+    p.add_argument("--throughput-steps", type=int, default=3, help="steps per contender per round")
+    p.add_argument("--throughput-pool", type=int, default=64, help="architectures in the pool")
+    p.add_argument("--throughput-dataset", default="fashion-mnist")
+    p.add_argument("--baseline-commit", default="b5ad87b", help="git commit of the code to compare against")
     p.add_argument("--out", default="benchmarks/results/ghn.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -232,6 +349,8 @@ def main() -> None:
         name, paths = spec.split(":", 1)
         results["ablations"][name] = run_ablation(name, [Path(x) for x in paths.split(",")], args)
     results["tv_timing"] = tv_timing(args.tv_timing)
+    if args.throughput_rounds > 0:
+        results["throughput"] = throughput(args)
     results["seconds"] = time.time() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
@@ -240,6 +359,19 @@ def main() -> None:
 
 def print_tables(results: dict) -> None:
     mean = statistics.mean
+    if results.get("throughput"):
+        t = results["throughput"]
+        print(
+            f"\nmeta-training throughput on {t['dataset']} (pool build: {t['pool_build_cpu_s_per_arch']:.3f} "
+            "CPU-s per architecture, once)"
+        )
+        print("| step | archs x images | CPU-s/step | arch-samples per CPU-s | per wall-s | vs baseline |")
+        print("|---|---|---|---|---|---|")
+        for name, c in t["contenders"].items():
+            print(
+                f"| {name} | {c['meta_batch']} x {c['images_per_arch']} | {c['cpu_s_per_step']:.3f} | "
+                f"{c['arch_samples_per_cpu_s']:.2f} | {c['arch_samples_per_wall_s']:.2f} | {c['vs_baseline']:.2f}x |"
+            )
     print("\n| dataset | split | models | chance | default init | GHN (no training) | predict s/model |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results["datasets"].items():

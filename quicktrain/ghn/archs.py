@@ -193,9 +193,7 @@ def make_op(name: str, c: int, norm: bool) -> nn.Module:
             _norm(c, norm),
         )
     if name == "dil_conv3x3":
-        return nn.Sequential(
-            nn.ReLU(), nn.Conv2d(c, c, 3, padding=2, dilation=2, bias=not norm), _norm(c, norm)
-        )
+        return nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 3, padding=2, dilation=2, bias=not norm), _norm(c, norm))
     if name == "max_pool":
         return nn.MaxPool2d(3, 1, 1)
     if name == "avg_pool":
@@ -245,14 +243,10 @@ class Cell(nn.Module):
     def __init__(self, genotype: tuple[tuple[str, int, str, int], ...], c: int, norm: bool) -> None:
         super().__init__()
         self.inputs = [(ia, ib) for _, ia, _, ib in genotype]
-        self.ops = nn.ModuleList(
-            [nn.ModuleList([make_op(a, c, norm), make_op(b, c, norm)]) for a, _, b, _ in genotype]
-        )
+        self.ops = nn.ModuleList([nn.ModuleList([make_op(a, c, norm), make_op(b, c, norm)]) for a, _, b, _ in genotype])
         n = len(genotype)
         self.project = (
-            nn.Sequential(nn.ReLU(), nn.Conv2d(n * c, c, 1, bias=not norm), _norm(c, norm))
-            if n > 1
-            else nn.Identity()
+            nn.Sequential(nn.ReLU(), nn.Conv2d(n * c, c, 1, bias=not norm), _norm(c, norm)) if n > 1 else nn.Identity()
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -410,7 +404,9 @@ class RandomNet(nn.Module):
             red = i in spec.reductions
             if spec.family == "cell":
                 if red:
-                    blocks.append(nn.Sequential(nn.ReLU(), nn.Conv2d(c, 2 * c, 3, 2, 1, bias=not norm), _norm(2 * c, norm)))
+                    blocks.append(
+                        nn.Sequential(nn.ReLU(), nn.Conv2d(c, 2 * c, 3, 2, 1, bias=not norm), _norm(2 * c, norm))
+                    )
                     c *= 2
                 blocks.append(Cell(spec.genotype, c, norm))
             elif spec.family == "resnet":
@@ -438,9 +434,7 @@ class RandomNet(nn.Module):
         return self.head(self.body(self.stem(x)))
 
 
-def build_arch(
-    split: Split | str, index: int, *, in_shape: tuple[int, int, int], num_classes: int
-) -> RandomNet:
+def build_arch(split: Split | str, index: int, *, in_shape: tuple[int, int, int], num_classes: int) -> RandomNet:
     """Build the ``index``-th network of ``split`` for ``in_shape`` inputs and ``num_classes`` outputs."""
     return RandomNet(sample_arch(split, index, in_shape), tuple(in_shape), num_classes)
 

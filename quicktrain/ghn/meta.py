@@ -204,9 +204,7 @@ def _load_data(name: str):
     return get_dataset(name)
 
 
-def meta_train(
-    cfg: MetaTrainConfig, out: str | Path, *, resume: bool = False, command: str = ""
-) -> dict[str, Any]:
+def meta_train(cfg: MetaTrainConfig, out: str | Path, *, resume: bool = False, command: str = "") -> dict[str, Any]:
     """Meta-train a GHN and save it to ``out`` (and every ``save_every`` steps, for ``resume``).
 
     Returns:
@@ -231,9 +229,7 @@ def meta_train(
     if resume and out.is_file():
         payload = read_checkpoint(out)
         if GHNConfig.from_dict(payload["config"]) != ghn.config:
-            raise ValueError(
-                f"cannot resume {out}: its GHN config differs from --size/--no-graph of this run"
-            )
+            raise ValueError(f"cannot resume {out}: its GHN config differs from --size/--no-graph of this run")
         if "optimizer" not in payload.get("train", {}):
             raise ValueError(f"cannot resume {out}: it has no training state (a shipped/final checkpoint)")
         ghn.load_state_dict(payload["state_dict"])
@@ -281,9 +277,7 @@ def meta_train(
 
     t0, c0 = time.perf_counter(), time.process_time()
     ema_loss, ema_acc = None, None
-    bar = tqdm(
-        range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=rank != 0, mininterval=5
-    )
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=rank != 0, mininterval=5)
     step = start_step
     for step in bar:
         # lr
@@ -299,8 +293,7 @@ def meta_train(
         else:
             idx = torch.randint(SPLIT_SIZE[Split.TRAIN], (cfg.meta_batch,), generator=gen).tolist()
             models = [
-                build_arch(Split.TRAIN, i, in_shape=info.in_shape, num_classes=info.num_classes).to(device)
-                for i in idx
+                build_arch(Split.TRAIN, i, in_shape=info.in_shape, num_classes=info.num_classes).to(device) for i in idx
             ]
             graphs = None
         b = torch.randint(len(ys), (cfg.meta_batch, cfg.batch_size), generator=gen).to(device)

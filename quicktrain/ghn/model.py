@@ -232,8 +232,9 @@ class GraphormerLayer(nn.Module):
 
     where :math:`\\phi` is the (clipped) shortest-path distance; then ``h += softmax(A) V W_O`` and
     ``h += MLP(LN(h))``. Attention is exact and full (every node attends to every node of its graph), per
-    graph: small graphs in one call with a cached dense bias, large ones per block of query rows, with the bias built from :class:`DistanceBias`: no ``[N, N]`` tensor is
-    materialised, so a 3,500-node ResNet-998 graph needs ``O(block * N)`` memory.
+    graph: small graphs in one call with a cached dense bias, large ones per block of query rows with the bias
+    built from :class:`DistanceBias`: no ``[N, N]`` tensor is materialised, so a 3,500-node ResNet-998 graph
+    needs ``O(block * N)`` memory.
     """
 
     def __init__(self, hid: int, heads: int, sp_buckets: int) -> None:
@@ -252,7 +253,12 @@ class GraphormerLayer(nn.Module):
         nn.init.zeros_(self.sp_bw.weight)
 
     def forward(
-        self, h: Tensor, biases: list[DistanceBias], pairs: list[Tensor | None] | None = None, *, block: int = ATTN_BLOCK
+        self,
+        h: Tensor,
+        biases: list[DistanceBias],
+        pairs: list[Tensor | None] | None = None,
+        *,
+        block: int = ATTN_BLOCK,
     ) -> Tensor:
         """``h [sum N_g, hid]``: the nodes of all graphs, concatenated in the order of ``biases``.
 
@@ -429,17 +435,13 @@ class GHN(nn.Module):
             nn.init.normal_(emb.weight, std=0.02 * math.sqrt(c.hid) / math.sqrt(8))
         for emb in self.shape_embed:  # concatenated, not summed: unit-ish scale per slice
             nn.init.normal_(emb.weight, std=0.5)
-        self.layers = nn.ModuleList(
-            [GraphormerLayer(c.hid, c.heads, c.sp_cutoff + 2) for _ in range(c.layers)]
-        )
+        self.layers = nn.ModuleList([GraphormerLayer(c.hid, c.heads, c.sp_cutoff + 2) for _ in range(c.layers)])
         self.ln = nn.LayerNorm(c.hid)
         classes = dataset.num_classes if dataset is not None else 0
         self.decoder = ConvDecoder(c.hid, c.dec_hid, c.chunk, classes)
         self.tile_proj = nn.Linear(4 * TILE_FREQS, c.hid, bias=False)
         nn.init.normal_(self.tile_proj.weight, std=0.5)
-        self.decoder_1d = nn.Sequential(
-            nn.Linear(c.hid, c.dec_hid[0]), nn.GELU(), nn.Linear(c.dec_hid[0], c.chunk_1d)
-        )
+        self.decoder_1d = nn.Sequential(nn.Linear(c.hid, c.dec_hid[0]), nn.GELU(), nn.Linear(c.dec_hid[0], c.chunk_1d))
         nn.init.normal_(self.decoder_1d[-1].weight, std=1.0 / math.sqrt(c.dec_hid[0] * 0.25))
         nn.init.zeros_(self.decoder_1d[-1].bias)
         self.class_bias = nn.Linear(c.hid, classes) if classes else None

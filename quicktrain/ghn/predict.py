@@ -156,12 +156,6 @@ def predict_into(
         ValueError: the model's input shape or class count differs from the GHN's dataset, or it has
             BatchNorm layers and no ``bn_batches``.
     """
-    if bn_batches is None and has_running_bn(model):
-        raise ValueError(
-            f"{type(model).__name__} has BatchNorm layers whose running statistics must be re-estimated for "
-            "predicted weights; pass bn_batches=[a few input batches] (e.g. 4 batches of 128 training images), "
-            'or bn_batches="keep" to keep the current statistics'
-        )
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
     if head not in HEAD_MODES:
@@ -184,6 +178,12 @@ def predict_into(
         ) from e
     if head == "strict":
         check_compatible(ghn, example_inputs, graph.output_shape[-1] if graph.output_shape else None)
+    if bn_batches is None and has_running_bn(model):
+        raise ValueError(
+            f"{type(model).__name__} has BatchNorm layers whose running statistics must be re-estimated for "
+            "predicted weights; pass bn_batches=[a few input batches] (e.g. 4 batches of 128 training images), "
+            'or bn_batches="keep" to keep the current statistics'
+        )
     was_training = ghn.training
     ghn.eval()
     named = dict(model.named_parameters())

@@ -54,8 +54,13 @@ def test_output_filters_are_distinct_up_to_width_128(width):
     torch.manual_seed(0)
     ghn = GHN(ghn_config("T"), INFO)
     model = nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10),
+        nn.Conv2d(1, width, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, 10),
     )
     params = ghn(model_to_graph(model, torch.randn(2, 1, 8, 8)))[0]
     for name in ("0.weight", "2.weight"):
@@ -90,12 +95,8 @@ def test_classifier_has_its_own_predictor():
 def test_fan_in_normalisation():
     w = torch.ones(8, 4, 3, 3)
     assert torch.allclose(normalize_param(w, PrimType.CONV), torch.full_like(w, math.sqrt(2 / 36)))
-    assert torch.allclose(
-        normalize_param(w, PrimType.CONV, is_last=True), torch.full_like(w, math.sqrt(1 / 36))
-    )
-    assert torch.allclose(
-        normalize_param(torch.ones(5, 7), PrimType.LINEAR), torch.full((5, 7), math.sqrt(2 / 7))
-    )
+    assert torch.allclose(normalize_param(w, PrimType.CONV, is_last=True), torch.full_like(w, math.sqrt(1 / 36)))
+    assert torch.allclose(normalize_param(torch.ones(5, 7), PrimType.LINEAR), torch.full((5, 7), math.sqrt(2 / 7)))
     assert torch.allclose(normalize_param(torch.zeros(3), PrimType.BN), torch.ones(3))
     b = normalize_param(torch.tensor([-100.0, 0.0, 100.0]), PrimType.BIAS)
     assert torch.allclose(b, torch.tensor([-1.0, 0.0, 1.0]))
