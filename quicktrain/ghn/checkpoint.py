@@ -16,7 +16,7 @@ import torch
 
 from .model import GHN, DatasetInfo, GHNConfig
 
-FORMAT = "quicktrain.ghn/1"
+FORMAT = "quicktrain.ghn/2"  # /2: tiled conv decoder, shape bins, classifier predictor (issue 13)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
@@ -62,6 +62,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"GHN checkpoint {str(path)!r} is corrupt or not a torch file ({e}); re-create it"
         ) from e
+    if isinstance(payload, dict) and str(payload.get("format", "")).startswith("quicktrain.ghn/"):
+        if payload["format"] != FORMAT:
+            raise ValueError(
+                f"{str(path)!r} is a GHN checkpoint of an older quicktrain ({payload['format']!r}, this one reads "
+                f"{FORMAT!r}); its weights do not fit this GHN, re-train it with `quicktrain ghn train`"
+            )
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         fmt = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(

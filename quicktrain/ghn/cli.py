@@ -37,7 +37,13 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     tr.add_argument("--size", default=d.size, choices=sorted(SIZES), help="GHN size")
     tr.add_argument("--steps", type=int, default=d.steps)
     tr.add_argument("--meta-batch", type=int, default=d.meta_batch, help="architectures per step")
-    tr.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
+    tr.add_argument("--batch-size", type=int, default=d.batch_size, help="images per architecture per step")
+    tr.add_argument(
+        "--pool-size",
+        type=int,
+        default=d.pool_size,
+        help="fixed pool of training architectures built once (0 = new architectures every step)",
+    )
     tr.add_argument("--lr", type=float, default=d.lr)
     tr.add_argument("--weight-decay", type=float, default=d.weight_decay)
     tr.add_argument("--warmup", type=int, default=d.warmup)
@@ -52,7 +58,15 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     tr.add_argument("--save-every", type=int, default=d.save_every)
     tr.add_argument("--log-every", type=int, default=d.log_every)
     tr.add_argument("--time-budget-min", type=float, default=d.time_budget_min, help="stop after N minutes")
+    tr.add_argument(
+        "--schedule-min",
+        type=float,
+        default=d.schedule_min,
+        help="cosine learning rate over N minutes of training time (summed over resumes), then stop; "
+        "--steps is then an upper bound",
+    )
     tr.add_argument("--threads", type=int, default=d.threads, help="torch threads (0 = torch default)")
+    tr.add_argument("--device", default=d.device, help="device for the GHN, the pool and the data (cpu, cuda)")
     tr.add_argument("--out", required=True, help="checkpoint path (rewritten every --save-every steps)")
     tr.add_argument("--resume", action="store_true", help="continue from --out if it exists")
     tr.add_argument("--ship", default=None, help="also write a copy without optimizer state here")
@@ -68,7 +82,9 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     src.add_argument("--checkpoint", help="GHN checkpoint path")
     src.add_argument("--dataset", help="use the shipped GHN of this dataset")
     pr.add_argument("--noise", type=float, default=0.0, help="relative symmetry-breaking noise")
-    pr.add_argument("--bn-batches", type=int, default=4, help="training batches to re-estimate BN statistics")
+    pr.add_argument(
+        "--bn-batches", type=int, default=4, help="training batches to re-estimate BN statistics (0: keep them)"
+    )
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--out", required=True, help="where to save the model's state_dict")
     pr.set_defaults(func=_predict)
@@ -156,7 +172,7 @@ def _predict(args: argparse.Namespace) -> int:
         model = models.get_model(args.model, num_classes=ds.num_classes, in_shape=need)
     data = get_dataset(ds.name)
     xs = data.train.tensors[0]
-    bn = [xs[i * 128 : (i + 1) * 128] for i in range(args.bn_batches)] if args.bn_batches > 0 else None
+    bn = [xs[i * 128 : (i + 1) * 128] for i in range(args.bn_batches)] if args.bn_batches > 0 else "keep"
     report = predict_into(model, ghn, example_inputs=xs[:2], bn_batches=bn, noise=args.noise, progress=scale)
     torch.save(model.state_dict(), args.out)
     print(

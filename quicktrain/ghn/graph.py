@@ -35,7 +35,7 @@ class PrimType(StrEnum):
 
     INPUT = "input"
     CONV = "conv"
-    CONV_DW = "conv_dw"  # grouped / depthwise convolution (separable convs are conv_dw -> conv 1x1)
+    CONV_DW = "conv_dw"  # depthwise convolution, groups = in channels (separable convs: conv_dw -> conv 1x1)
     CONV_DIL = "conv_dil"  # dilated convolution
     LINEAR = "linear"
     BN = "bn"
@@ -53,6 +53,7 @@ class PrimType(StrEnum):
     MUL = "mul"  # product of two activations (squeeze-excite gating, GLU)
     SOFTMAX = "softmax"  # attention softmax / fused attention
     MASK = "mask"  # not a real type: the ablation that hides node types
+    CONV_GROUP = "conv_group"  # grouped convolution, 1 < groups < in channels (ResNeXt, ShuffleNet)
 
     @property
     def id(self) -> int:
@@ -194,7 +195,8 @@ def _param_node_type(fn, fn_name: str, p: Tensor) -> PrimType:
         groups = getattr(fn, "_saved_groups", 1)
         dilation = getattr(fn, "_saved_dilation", (1,))
         if groups > 1:
-            return PrimType.CONV_DW
+            # weight [out, in / groups, k, k]: one input channel per group means depthwise
+            return PrimType.CONV_DW if p.shape[1] == 1 else PrimType.CONV_GROUP
         if any(d > 1 for d in dilation):
             return PrimType.CONV_DIL
         return PrimType.CONV

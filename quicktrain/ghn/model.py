@@ -2,16 +2,20 @@
 
 GHN-3 (Knyazev et al., ICML 2023, Sec. 3) replaces GHN-2's gated GNN (Knyazev et al., NeurIPS 2021) by
 Graphormer layers (Ying et al., 2021): node features are type + shape + degree embeddings, and self-attention
-is biased by learned embeddings of forward and backward shortest-path distances. A decoder maps each node
-embedding to a fixed-size chunk that is tiled/sliced to the parameter's shape (GHN-2 Sec. 4, "tiling"), and
-predicted tensors are normalised by their fan-in (GHN-2 Sec. 4, "operation-dependent normalisation").
+is biased by learned embeddings of forward and backward shortest-path distances. Shapes are embedded as in
+GHN-2's shape encoder (Sec. 4: one embedding per dimension, fine bins for small sizes, concatenated). A
+GHN-2/3 convolutional decoder (GHN-2 Sec. 4, GHN-3 Sec. 3: a linear layer to ``[h0, k, k]``, then 1x1 convs
+to ``[out * in, k, k]``) maps each node embedding to a ``[out, in, k, k]`` chunk; tensors larger than the
+chunk are assembled from tiles decoded with a tile-position code (so tiles differ instead of repeating);
+the classifier gets its own predictor (GHN-2's ``class_layer_predictor``), and predicted tensors are
+normalised by their fan-in (GHN-2 Sec. 4, "operation-dependent normalisation").
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +23,31 @@ from torch import Tensor, nn
 
 from .graph import NUM_TYPES, Graph, PrimType
 
-_WEIGHT_TYPES = {PrimType.CONV, PrimType.CONV_DW, PrimType.CONV_DIL, PrimType.LINEAR}
+_WEIGHT_TYPES = {PrimType.CONV, PrimType.CONV_DW, PrimType.CONV_GROUP, PrimType.CONV_DIL, PrimType.LINEAR}
+_CONV_TYPES = {PrimType.CONV, PrimType.CONV_DW, PrimType.CONV_GROUP, PrimType.CONV_DIL}
 _NORM_TYPES = {PrimType.BN, PrimType.LN, PrimType.GN}
 _TYPES = list(PrimType)
-SHAPE_BUCKETS = 24
+
+
+def _shape_bins() -> Tensor:
+    """Bin values of GHN-2's shape encoder, refined: exact up to 16, then steps of 4, 8, 32, 128.
+
+    GHN-2 (``ShapeEncoder``) uses exact small kernels and channel steps of 8 / 16 / 32; steps of 4 up to 64
+    tell 16 from 20 from 24 channels, and exact bins up to 16 tell 5x5 from 7x7 kernels.
+    """
+    vals = (
+        list(range(0, 17))
+        + list(range(20, 65, 4))
+        + list(range(72, 257, 8))
+        + list(range(288, 1025, 32))
+        + list(range(1152, 8193, 128))
+    )
+    return torch.tensor(vals, dtype=torch.long)
+
+
+SHAPE_BINS = _shape_bins()
+SHAPE_BUCKETS = len(SHAPE_BINS)
+TILE_FREQS = 8  # sinusoidal frequencies per tile axis
 
 
 @dataclass(frozen=True)
@@ -33,9 +58,11 @@ class GHNConfig:
         hid: node embedding width.
         heads: attention heads per layer.
         layers: Graphormer layers.
-        chunk: ``(out, in, k, k)`` of the decoded chunk for weights; tiled/sliced to any shape.
-        chunk_1d: length of the decoded vector for 1-D tensors (norm weights, biases).
-        dec_hid: hidden width of the decoders.
+        chunk: ``(out, in, k, k)`` of one decoded tile; larger tensors are assembled from tiles.
+        chunk_1d: length of one decoded tile of a 1-D tensor (norm weights, biases).
+        dec_hid: hidden widths ``(h0, h1)`` of the convolutional decoder (GHN-3: ``(4 hid, 8 hid)``).
+        tile_limit: distinct tiles per dimension (each decoded with its own tile code); beyond it tiles repeat,
+            which bounds the decoding cost of huge tensors.
         sp_cutoff: shortest-path distances above this share one "far" embedding.
         max_degree: in/out degrees are clipped to this.
         max_input_dist: distances from the input node are clipped to this.
@@ -45,9 +72,10 @@ class GHNConfig:
     hid: int = 64
     heads: int = 8
     layers: int = 3
-    chunk: tuple[int, int, int, int] = (16, 16, 5, 5)
+    chunk: tuple[int, int, int, int] = (64, 64, 7, 7)
     chunk_1d: int = 64
-    dec_hid: int = 128
+    dec_hid: tuple[int, int] = (128, 256)
+    tile_limit: int = 4
     sp_cutoff: int = 16
     max_degree: int = 16
     max_input_dist: int = 64
@@ -56,6 +84,7 @@ class GHNConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["chunk"] = list(self.chunk)
+        d["dec_hid"] = list(self.dec_hid)
         return d
 
     @classmethod
@@ -64,8 +93,9 @@ class GHNConfig:
         if unknown:
             raise ValueError(f"unknown GHN config keys {sorted(unknown)}; this quicktrain cannot read them")
         d = dict(d)
-        if "chunk" in d:
-            d["chunk"] = tuple(d["chunk"])
+        for key in ("chunk", "dec_hid"):
+            if key in d:
+                d[key] = tuple(d[key])
         return cls(**d)
 
 
@@ -86,9 +116,9 @@ class DatasetInfo:
 
 
 SIZES: dict[str, GHNConfig] = {
-    "T": GHNConfig(hid=64, heads=8, layers=3, chunk=(16, 16, 5, 5), chunk_1d=64, dec_hid=128),
-    "S": GHNConfig(hid=128, heads=16, layers=5, chunk=(32, 32, 5, 5), chunk_1d=128, dec_hid=256),
-    "M": GHNConfig(hid=192, heads=16, layers=8, chunk=(32, 32, 7, 7), chunk_1d=192, dec_hid=384),
+    "T": GHNConfig(hid=64, heads=8, layers=3, chunk=(64, 64, 7, 7), chunk_1d=64, dec_hid=(128, 256)),
+    "S": GHNConfig(hid=128, heads=16, layers=5, chunk=(64, 64, 7, 7), chunk_1d=128, dec_hid=(256, 512)),
+    "M": GHNConfig(hid=192, heads=16, layers=8, chunk=(64, 64, 7, 7), chunk_1d=192, dec_hid=(384, 768)),
 }
 
 
@@ -100,9 +130,25 @@ def ghn_config(size: str, **overrides) -> GHNConfig:
 
 
 def shape_bucket(v: Tensor) -> Tensor:
-    """Bucket of a dimension size: ``0`` for absent, ``1 + floor(log2 v)`` otherwise (capped)."""
-    b = torch.where(v > 0, 1 + torch.log2(v.clamp(min=1).float()).floor().long(), torch.zeros_like(v))
-    return b.clamp(max=SHAPE_BUCKETS - 1)
+    """Index of the nearest bin of :data:`SHAPE_BINS` for each dimension size (``0`` = absent dimension).
+
+    Sizes beyond the last bin share the last bucket; ties go to the smaller bin.
+    """
+    bins = SHAPE_BINS.to(v.device)
+    v = v.clamp(min=0, max=int(bins[-1]))
+    hi = torch.searchsorted(bins, v).clamp(max=len(bins) - 1)
+    lo = (hi - 1).clamp(min=0)
+    return torch.where((v - bins[lo]).abs() <= (bins[hi] - v).abs(), lo, hi)
+
+
+def tile_code(index: Tensor) -> Tensor:
+    """Sinusoidal code ``[..., 2 F]`` of tile indices (Transformer position encoding, Vaswani et al. Sec. 3.5).
+
+    .. math:: c(a)_{2f} = \\sin(a / 2^{f}),\\quad c(a)_{2f+1} = \\cos(a / 2^{f}),\\quad f = 0..F-1
+    """
+    freqs = 2.0 ** -torch.arange(TILE_FREQS, dtype=torch.float32, device=index.device)
+    ang = index.float().unsqueeze(-1) * freqs
+    return torch.stack([ang.sin(), ang.cos()], -1).flatten(-2)
 
 
 @dataclass
@@ -128,6 +174,7 @@ class DistanceBias:
     self_dist: int
     fw: tuple[Tensor, Tensor, Tensor]
     bw: tuple[Tensor, Tensor, Tensor]
+    _dense: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def from_graph(cls, graph: Graph, far: int, device: torch.device, *, use_distances: bool = True) -> DistanceBias:
@@ -144,6 +191,20 @@ class DistanceBias:
 
         return cls(graph.num_nodes, far, 0 if use_distances else far, by_row(src, dst), by_row(dst, src))
 
+    def dense(self) -> tuple[Tensor, Tensor]:
+        """All rows ``[N, N]`` (``uint8``), computed once and kept: small graphs are attended densely every step."""
+        if self._dense is None:
+            if self.far > 255:
+                raise ValueError(f"distance buckets up to {self.far} do not fit uint8; lower sp_cutoff")
+            fw, bw = self.rows(0, self.n)
+            self._dense = (fw.to(torch.uint8), bw.to(torch.uint8))
+        return self._dense
+
+    def pairs(self, buckets: int) -> Tensor:
+        """``[N^2]`` pair buckets ``buckets * d(i -> j) + d(j -> i)`` (row-major), from :meth:`dense`."""
+        fw, bw = self.dense()
+        return (fw.long() * buckets + bw.long()).flatten()
+
     def rows(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
         """Dense ``[stop - start, N]`` buckets of ``d(i -> j)`` and ``d(j -> i)`` for ``i`` in ``[start, stop)``."""
         dev = self.fw[0].device
@@ -159,6 +220,7 @@ class DistanceBias:
 
 
 ATTN_BLOCK = 512  # query rows per attention block: memory O(ATTN_BLOCK * N * heads) per layer
+DENSE_NODES = 1024  # graphs up to this size keep their dense distances and are attended in one call
 
 
 class GraphormerLayer(nn.Module):
@@ -169,9 +231,10 @@ class GraphormerLayer(nn.Module):
                  + b^{fw}_{\\phi(i \\to j)} + b^{bw}_{\\phi(j \\to i)}
 
     where :math:`\\phi` is the (clipped) shortest-path distance; then ``h += softmax(A) V W_O`` and
-    ``h += MLP(LN(h))``. Attention is exact and full (every node attends to every node of its graph), but it
-    is computed per graph and per block of query rows, with the bias built from :class:`DistanceBias`: no
-    ``[N, N]`` tensor is materialised, so a 3,500-node ResNet-998 graph needs ``O(block * N)`` memory.
+    ``h += MLP(LN(h))``. Attention is exact and full (every node attends to every node of its graph), per
+    graph: small graphs in one call with a cached dense bias, large ones per block of query rows with the bias
+    built from :class:`DistanceBias`: no ``[N, N]`` tensor is materialised, so a 3,500-node ResNet-998 graph
+    needs ``O(block * N)`` memory.
     """
 
     def __init__(self, hid: int, heads: int, sp_buckets: int) -> None:
@@ -189,36 +252,171 @@ class GraphormerLayer(nn.Module):
         nn.init.zeros_(self.sp_fw.weight)
         nn.init.zeros_(self.sp_bw.weight)
 
-    def forward(self, h: Tensor, biases: list[DistanceBias], *, block: int = ATTN_BLOCK) -> Tensor:
-        """``h [sum N_g, hid]``: the nodes of all graphs, concatenated in the order of ``biases``."""
+    def forward(
+        self,
+        h: Tensor,
+        biases: list[DistanceBias],
+        pairs: list[Tensor | None] | None = None,
+        *,
+        block: int = ATTN_BLOCK,
+    ) -> Tensor:
+        """``h [sum N_g, hid]``: the nodes of all graphs, concatenated in the order of ``biases``.
+
+        ``pairs[g]``: for a small graph, its ``[N^2]`` pair buckets ``B d(i -> j) + d(j -> i)`` into the table
+        ``b^{fw}[u] + b^{bw}[v]`` of all ``B^2`` pairs (:meth:`DistanceBias.pairs`): its whole bias is one
+        ``index_select``, whose backward is one ``index_add_`` (``nn.Embedding``'s dense backward sorts the
+        indices and was 20x slower on CPU here). ``None``: blocks of query rows from the sparse distances.
+        """
         n_all, d = h.shape
         if n_all != sum(b.n for b in biases):
             raise ValueError(f"h has {n_all} nodes but the graphs have {sum(b.n for b in biases)}")
+        pairs = pairs if pairs is not None else [None] * len(biases)
         q, k, v = self.qkv(self.ln1(h)).reshape(n_all, 3, self.heads, d // self.heads).permute(1, 2, 0, 3)
-        att: list[Tensor] = []
+        table = (self.sp_fw.weight.t()[:, :, None] + self.sp_bw.weight.t()[:, None, :]).flatten(1)
+        parts: list[Tensor] = []
         start = 0
-        for bias in biases:
-            kg, vg = k[:, start : start + bias.n], v[:, start : start + bias.n]
-            for r0 in range(0, bias.n, block):
-                r1 = min(bias.n, r0 + block)
-                fw, bw = bias.rows(r0, r1)
-                mask = (self.sp_fw(fw) + self.sp_bw(bw)).permute(2, 0, 1)  # [heads, rows, N]
-                att.append(F.scaled_dot_product_attention(q[:, start + r0 : start + r1], kg, vg, attn_mask=mask))
+        for bias, pair in zip(biases, pairs, strict=True):
+            qg, kg, vg = (t[:, start : start + bias.n] for t in (q, k, v))
+            if pair is not None:
+                mask = table.index_select(1, pair).view(self.heads, bias.n, bias.n)
+                parts.append(F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask))
+            else:
+                for r0 in range(0, bias.n, block):
+                    r1 = min(bias.n, r0 + block)
+                    fw, bw = bias.rows(r0, r1)
+                    mask = (self.sp_fw(fw) + self.sp_bw(bw)).permute(2, 0, 1)  # [heads, rows, N]
+                    parts.append(F.scaled_dot_product_attention(qg[:, r0:r1], kg, vg, attn_mask=mask))
             start += bias.n
-        h = h + self.proj(torch.cat(att, 1).transpose(0, 1).reshape(n_all, d))
+        att = torch.cat(parts, 1).transpose(0, 1).reshape(n_all, d)
+        h = h + self.proj(att)
         return h + self.mlp(self.ln2(h))
+
+
+class ConvDecoder(nn.Module):
+    """GHN-2/GHN-3 convolutional decoder: node embedding -> ``[out, in, k, k]`` tile (GHN-2 Sec. 4).
+
+    .. math::
+        z = \\mathrm{ReLU}(W_0 e + b_0) \\in \\mathbb{R}^{h_0 \\times k \\times k},\\quad
+        T = W_2\\,\\mathrm{ReLU}(W_1 z) \\in \\mathbb{R}^{(o \\cdot i) \\times k \\times k}
+
+    (``W_1``, ``W_2`` are 1x1 convolutions, i.e. per-position linear maps). Only what a tensor needs is
+    computed: the centre ``kh x kw`` positions of ``z`` and the ``o' x i'`` output rows of ``W_2``, as in
+    ppuda's ``ConvDecoder`` which slices its weights the same way. GHN-2's dedicated classifier predictor
+    maps the ``out`` axis of a 1x1 tile to the class count: ``W_c\\,\\mathrm{ReLU}(T)``.
+    """
+
+    def __init__(self, hid: int, dec_hid: tuple[int, int], chunk: tuple[int, int, int, int], classes: int) -> None:
+        super().__init__()
+        h0, h1 = dec_hid
+        self.co, self.ci, self.k, _ = chunk
+        self.h0 = h0
+        self.fc = nn.Linear(hid, h0 * self.k * self.k)
+        self.conv1 = nn.Linear(h0, h1)
+        self.out = nn.Linear(h1, self.co * self.ci)
+        # unit-variance raw outputs at init (fan-in normalisation then gives He-like tensors), no shared bias
+        nn.init.normal_(self.out.weight, std=1.0 / math.sqrt(h1 * 0.5))
+        nn.init.zeros_(self.out.bias)
+        self.classifier = nn.Linear(self.co, classes) if classes > 0 else None
+
+    def _fc_rows(self, kh: int, kw: int, dev: torch.device) -> Tensor:
+        """Rows of ``fc`` for the centre ``kh x kw`` positions, ordered ``[h0, kh, kw]``."""
+        k = self.k
+        y = torch.arange(kh, device=dev) + (k - kh) // 2
+        x = torch.arange(kw, device=dev) + (k - kw) // 2
+        pos = (y[:, None] * k + x[None]).flatten()
+        return (torch.arange(self.h0, device=dev)[:, None] * k * k + pos[None]).flatten()
+
+    def _out_rows(self, o: int, i: int, dev: torch.device) -> Tensor:
+        return (torch.arange(o, device=dev)[:, None] * self.ci + torch.arange(i, device=dev)).flatten()
+
+    def sliced_weights(self, sizes: list[tuple[int, int, int, int]]) -> list[tuple[Tensor, ...]]:
+        """``(fc weight, fc bias, out weight, out bias)`` restricted to each ``(o, i, kh, kw)`` of ``sizes``.
+
+        All slices are gathered in one indexing op per weight: one gather per size would, in the backward
+        pass, allocate and add one full-size zero-filled gradient per size.
+        """
+        dev = self.fc.weight.device
+        fc_idx = [self._fc_rows(kh, kw, dev) for _, _, kh, kw in sizes]
+        out_idx = [self._out_rows(o, i, dev) for o, i, _, _ in sizes]
+        fcw = self.fc.weight[torch.cat(fc_idx)].split([len(r) for r in fc_idx])
+        fcb = self.fc.bias[torch.cat(fc_idx)].split([len(r) for r in fc_idx])
+        ow = self.out.weight[torch.cat(out_idx)].split([len(r) for r in out_idx])
+        ob = self.out.bias[torch.cat(out_idx)].split([len(r) for r in out_idx])
+        return list(zip(fcw, fcb, ow, ob, strict=True))
+
+    def forward(
+        self,
+        e: Tensor,
+        o: int,
+        i: int,
+        kh: int,
+        kw: int,
+        *,
+        classifier: bool = False,
+        weights: tuple[Tensor, ...] | None = None,
+    ) -> Tensor:
+        """Tiles ``[R, o, i, kh, kw]`` for embeddings ``e [R, hid]`` (``o <= co``, ``i <= ci``, ``kh, kw <= k``).
+
+        With ``classifier`` (``o = co``, ``kh = kw = 1``): ``[R, classes, i]``. ``weights``: this size's
+        slices from :meth:`sliced_weights` (computed here when omitted).
+        """
+        fcw, fcb, ow, ob = weights if weights is not None else self.sliced_weights([(o, i, kh, kw)])[0]
+        r = e.shape[0]
+        z = torch.relu(F.linear(e, fcw, fcb)).view(r, self.h0, kh * kw).transpose(1, 2)
+        z = torch.relu(self.conv1(z))  # [R, P, h1]
+        t = F.linear(z, ow, ob).view(r, kh, kw, o, i).permute(0, 3, 4, 1, 2)
+        if classifier:
+            if self.classifier is None:
+                raise ValueError("this GHN has no classifier predictor (no DatasetInfo)")
+            return self.classifier(torch.relu(t[..., 0, 0]).transpose(1, 2)).transpose(1, 2)
+        return t
+
+
+@dataclass
+class ParamJob:
+    """How one parameter node is decoded: its route, target shape and tile grid.
+
+    Routes: ``"nd"`` (conv/linear/other >= 2-D tensors, viewed as ``[o, i, kh, kw]``), ``"1d"``,
+    ``"cls"`` (the classifier weight ``[classes, features]``) and ``"cls_b"`` (its bias).
+    """
+
+    node: int
+    name: str
+    shape: tuple[int, ...]
+    ptype: PrimType
+    route: str
+    is_last: bool
+    view: tuple[int, int, int, int] = (1, 1, 1, 1)  # (o, i, kh, kw) the tensor is decoded as
+    scale: float = 1.0  # depth scaling of residual branch outputs (:func:`residual_branch_ends`)
+
+
+@dataclass
+class PreparedGraph:
+    """A graph's GHN inputs computed once (meta-training reuses them every step its architecture is drawn)."""
+
+    graph: Graph
+    feats: dict[str, Tensor]
+    bias: DistanceBias
+    jobs: list[ParamJob] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return self.graph.num_nodes
 
 
 class GHN(nn.Module):
     """Graph HyperNetwork: ``graph -> {parameter name: predicted tensor}`` in one forward pass.
 
-    Node features (GHN-3 Eq. 1 and Graphormer's centrality encoding):
+    Node features (GHN-3 Eq. 1, Graphormer's centrality encoding, GHN-2's shape encoder):
 
     .. math::
-        h_i^{(0)} = E_{type}[t_i] + \\sum_{k=1}^{4} E^{(k)}_{shape}[\\lfloor\\log_2 s_{ik}\\rfloor]
+        h_i^{(0)} = E_{type}[t_i] + [E^{(1)}_{s}[b(s_{i1})] \\,\\|\\, \\dots \\,\\|\\, E^{(4)}_{s}[b(s_{i4})]]
                     + E_{in}[\\deg^-_i] + E_{out}[\\deg^+_i] + E_{dist}[d(\\text{input} \\to i)]
 
-    then ``layers`` :class:`GraphormerLayer` s, a final LayerNorm, and the decoders.
+    (``b`` = :func:`shape_bucket`, ``||`` = concatenation of four ``hid/4`` embeddings), then ``layers``
+    :class:`GraphormerLayer` s, a final LayerNorm, and the decoders. A tensor larger than one tile is
+    decoded tile by tile from ``h_i + P [c(a) || c(b)]`` (``c`` = :func:`tile_code` of the tile's out/in
+    position, ``P`` learned), so its tiles differ.
     """
 
     def __init__(self, config: GHNConfig, dataset: DatasetInfo | None = None) -> None:
@@ -226,73 +424,118 @@ class GHN(nn.Module):
         self.config = config
         self.dataset = dataset  # configuration (saved in checkpoints), not training state
         c = config
+        if c.hid % 4:
+            raise ValueError(f"hid {c.hid} must be divisible by 4 (four shape embeddings of hid/4)")
         self.type_embed = nn.Embedding(NUM_TYPES, c.hid)
-        self.shape_embed = nn.ModuleList([nn.Embedding(SHAPE_BUCKETS, c.hid) for _ in range(4)])
+        self.shape_embed = nn.ModuleList([nn.Embedding(SHAPE_BUCKETS, c.hid // 4) for _ in range(4)])
         self.deg_in = nn.Embedding(c.max_degree + 1, c.hid)
         self.deg_out = nn.Embedding(c.max_degree + 1, c.hid)
         self.input_dist = nn.Embedding(c.max_input_dist + 2, c.hid)
-        for emb in [self.type_embed, self.deg_in, self.deg_out, self.input_dist, *self.shape_embed]:
+        for emb in [self.type_embed, self.deg_in, self.deg_out, self.input_dist]:
             nn.init.normal_(emb.weight, std=0.02 * math.sqrt(c.hid) / math.sqrt(8))
-        self.layers = nn.ModuleList(
-            [GraphormerLayer(c.hid, c.heads, c.sp_cutoff + 2) for _ in range(c.layers)]
-        )
+        for emb in self.shape_embed:  # concatenated, not summed: unit-ish scale per slice
+            nn.init.normal_(emb.weight, std=0.5)
+        self.layers = nn.ModuleList([GraphormerLayer(c.hid, c.heads, c.sp_cutoff + 2) for _ in range(c.layers)])
         self.ln = nn.LayerNorm(c.hid)
-        co, ci, k1, k2 = c.chunk
-        self.decoder = nn.Sequential(
-            nn.Linear(c.hid, c.dec_hid), nn.GELU(), nn.Linear(c.dec_hid, co * ci * k1 * k2)
-        )
+        classes = dataset.num_classes if dataset is not None else 0
+        self.decoder = ConvDecoder(c.hid, c.dec_hid, c.chunk, classes)
+        self.tile_proj = nn.Linear(4 * TILE_FREQS, c.hid, bias=False)
+        nn.init.normal_(self.tile_proj.weight, std=0.5)
+        self.decoder_1d = nn.Sequential(nn.Linear(c.hid, c.dec_hid[0]), nn.GELU(), nn.Linear(c.dec_hid[0], c.chunk_1d))
+        nn.init.normal_(self.decoder_1d[-1].weight, std=1.0 / math.sqrt(c.dec_hid[0] * 0.25))
+        nn.init.zeros_(self.decoder_1d[-1].bias)
+        self.class_bias = nn.Linear(c.hid, classes) if classes else None
         # learnable log-gain per node type on predicted weights: output scales (e.g. of logits) adapt fast
         self.log_gain = nn.Parameter(torch.zeros(NUM_TYPES))
-        self.decoder_1d = nn.Sequential(
-            nn.Linear(c.hid, c.dec_hid), nn.GELU(), nn.Linear(c.dec_hid, c.chunk_1d)
-        )
-        # unit-variance raw outputs at init (so fan-in normalisation gives He-like tensors) and no shared
-        # output bias (it would make every layer's prediction share one pattern)
-        for dec in (self.decoder, self.decoder_1d):
-            nn.init.normal_(dec[-1].weight, std=1.0 / math.sqrt(c.dec_hid * 0.25))
-            nn.init.zeros_(dec[-1].bias)
 
     # ----------------------------------------------------------------------------------------------------
-    def node_features(self, graph: Graph) -> tuple[Tensor, DistanceBias]:
-        """Initial embeddings ``[N, hid]`` and the sparse attention distances of one graph."""
+    def prepare(self, graph: Graph | PreparedGraph) -> PreparedGraph:
+        """Everything the GHN needs from ``graph`` that does not depend on its weights (cacheable)."""
+        if isinstance(graph, PreparedGraph):
+            return graph
         c = self.config
         dev = self.type_embed.weight.device
-        types = graph.node_types.to(dev)
-        h = sum(emb(shape_bucket(graph.node_shapes[:, k].to(dev))) for k, emb in enumerate(self.shape_embed))
-        if c.graph_info:
-            deg_in, deg_out = graph.degrees()
-            in_dist = graph.input_dist.clone()
-            in_dist[in_dist < 0] = c.max_input_dist + 1
+        deg_in, deg_out = graph.degrees()
+        in_dist = graph.input_dist.clone()
+        in_dist[in_dist < 0] = c.max_input_dist + 1
+        feats = {
+            "types": graph.node_types,
+            "shapes": shape_bucket(graph.node_shapes),
+            "deg_in": deg_in.clamp(max=c.max_degree),
+            "deg_out": deg_out.clamp(max=c.max_degree),
+            "in_dist": in_dist.clamp(max=c.max_input_dist + 1),
+        }
+        feats = {k: v.to(dev) for k, v in feats.items()}
+        bias = DistanceBias.from_graph(graph, c.sp_cutoff + 1, dev, use_distances=c.graph_info)
+        return PreparedGraph(graph, feats, bias, self._plan(graph))
+
+    def _plan(self, g: Graph) -> list[ParamJob]:
+        last = last_layer_nodes(g)
+        ends, n_sums = residual_branch_ends(g)
+        res_scale = min(1.0, math.sqrt(FREE_SUMS / max(1, n_sums)))
+        classes = self.dataset.num_classes if self.dataset is not None else -1
+        jobs = []
+        for ni, pname in enumerate(g.param_names):
+            if pname is None:
+                continue
+            shape = tuple(int(v) for v in g.node_shapes[ni] if v > 0)
+            ptype = _TYPES[int(g.node_types[ni])]
+            is_last = ni in last
+            if len(shape) <= 1:
+                route = "cls_b" if is_last and ptype is PrimType.BIAS and shape == (classes,) else "1d"
+                view = (shape[0] if shape else 1, 1, 1, 1)
+            else:
+                if ptype in _CONV_TYPES and len(shape) in (3, 4):
+                    o, i, *ks = shape
+                    view = (o, i, *((1, ks[0]) if len(ks) == 1 else ks))
+                else:
+                    view = (math.prod(shape[:-1]), shape[-1], 1, 1)
+                cls = is_last and ptype in _WEIGHT_TYPES and view[0] == classes and view[2:] == (1, 1)
+                route = "cls" if cls else "nd"
+            scale = res_scale if ni in ends and not is_last else 1.0
+            jobs.append(ParamJob(ni, pname, shape, ptype, route, is_last, view, scale))
+        return jobs
+
+    def node_features(self, graph: Graph | PreparedGraph) -> tuple[Tensor, DistanceBias]:
+        """Initial embeddings ``[N, hid]`` and the sparse attention distances of one graph."""
+        p = self.prepare(graph)
+        f = p.feats
+        h = torch.cat([emb(f["shapes"][:, k]) for k, emb in enumerate(self.shape_embed)], 1)
+        if self.config.graph_info:
             h = (
                 h
-                + self.type_embed(types)
-                + self.deg_in(deg_in.clamp(max=c.max_degree).to(dev))
-                + self.deg_out(deg_out.clamp(max=c.max_degree).to(dev))
-                + self.input_dist(in_dist.clamp(max=c.max_input_dist + 1).to(dev))
+                + self.type_embed(f["types"])
+                + self.deg_in(f["deg_in"])
+                + self.deg_out(f["deg_out"])
+                + self.input_dist(f["in_dist"])
             )
         else:  # ablation: no types, degrees or distances, only parameter shapes
-            h = h + self.type_embed(torch.full_like(types, PrimType.MASK.id))
-        return h, DistanceBias.from_graph(graph, c.sp_cutoff + 1, dev, use_distances=c.graph_info)
+            h = h + self.type_embed(torch.full_like(f["types"], PrimType.MASK.id))
+        return h, p.bias
 
-    def embed(self, graphs: list[Graph]) -> list[Tensor]:
+    def embed(self, graphs: list[Graph] | list[PreparedGraph]) -> list[Tensor]:
         """Node embeddings ``[N_g, hid]`` of each graph after the Graphormer layers.
 
-        The graphs' nodes are concatenated (no padding); attention stays within each graph.
+        The graphs' nodes are concatenated (no padding); attention stays within each graph. Graphs of at most
+        :data:`DENSE_NODES` nodes are attended in one call each, with their dense distances kept.
         """
-        feats = [self.node_features(g) for g in graphs]
+        prepared = [self.prepare(g) for g in graphs]
+        feats = [self.node_features(p) for p in prepared]
         h = torch.cat([f[0] for f in feats])
         biases = [f[1] for f in feats]
+        buckets = self.config.sp_cutoff + 2
+        pairs = [b.pairs(buckets) if b.n <= DENSE_NODES else None for b in biases]
         for layer in self.layers:
-            h = layer(h, biases)
-        return list(self.ln(h).split([g.num_nodes for g in graphs]))
+            h = layer(h, biases, pairs)
+        return list(self.ln(h).split([p.n for p in prepared]))
 
-    def forward(self, graphs: Graph | list[Graph]) -> list[dict[str, Tensor]]:
+    def forward(self, graphs: Graph | PreparedGraph | list) -> list[dict[str, Tensor]]:
         """Predict every supported parameter of each graph's network.
 
         Returns:
             one ``{parameter name: tensor}`` dict per graph (gradients flow back to the GHN).
         """
-        if isinstance(graphs, Graph):
+        if isinstance(graphs, (Graph, PreparedGraph)):
             graphs = [graphs]
         out: list[dict[str, Tensor]] = [{} for _ in graphs]
         for gi, name, w in self.iter_predictions(graphs):
@@ -300,37 +543,154 @@ class GHN(nn.Module):
         return out
 
     def iter_predictions(
-        self, graphs: list[Graph], *, decode_batch: int = 1024
+        self, graphs: list[Graph] | list[PreparedGraph], *, decode_batch: int = 1024
     ) -> Iterator[tuple[int, str, Tensor]]:
         """Yield ``(graph index, parameter name, tensor)`` one tensor at a time.
 
-        Decoding is batched by route (tensors with >= 2 dims vs 1-D tensors) in groups of ``decode_batch``
-        nodes; each decoded chunk is tiled/sliced to its tensor's shape and normalised. A consumer that writes
-        each tensor into its model straight away (as :func:`~quicktrain.ghn.predict_into` does) never holds
-        more than one group of predictions, which keeps huge models within memory.
+        Tensors are decoded in groups of about ``decode_batch`` tiles; within a group, tiles of one size are
+        decoded in one call. A consumer that writes each tensor into its model straight away (as
+        :func:`~quicktrain.ghn.predict_into` does) never holds more than one group of predictions, which keeps
+        huge models within memory.
         """
-        embs = self.embed(graphs)
-        jobs: dict[str, list[tuple[int, int]]] = {"nd": [], "1d": []}
-        last: list[set[int]] = []
-        for gi, g in enumerate(graphs):
-            last.append(last_layer_nodes(g))
-            for ni, pname in enumerate(g.param_names):
-                if pname is not None:
-                    jobs["nd" if int((g.node_shapes[ni] > 0).sum()) >= 2 else "1d"].append((gi, ni))
-        for route, dec in (("nd", self.decoder), ("1d", self.decoder_1d)):
-            todo = jobs[route]
-            for start in range(0, len(todo), decode_batch):
-                group = todo[start : start + decode_batch]
-                raw = dec(torch.stack([embs[gi][ni] for gi, ni in group]))
-                for row, (gi, ni) in enumerate(group):
-                    g = graphs[gi]
-                    shape = tuple(int(v) for v in g.node_shapes[ni] if v > 0)
-                    ptype = _TYPES[int(g.node_types[ni])]
-                    w = tile_to_shape(raw[row], shape, self.config.chunk, ptype)
-                    w = normalize_param(w, ptype, is_last=ni in last[gi])
-                    if w.dim() >= 2:
-                        w = w * self.log_gain[ptype.id].exp()
-                    yield gi, g.param_names[ni], w
+        prepared = [self.prepare(g) for g in graphs]
+        h = torch.cat(self.embed(prepared))
+        offsets = [0]
+        for p in prepared[:-1]:
+            offsets.append(offsets[-1] + p.n)
+        embs = (h, offsets)
+        group: list[tuple[int, ParamJob]] = []
+        tiles = 0
+        for gi, p in enumerate(prepared):
+            for job in p.jobs:
+                group.append((gi, job))
+                tiles += math.prod(self._grid(job))
+                if tiles >= decode_batch:
+                    yield from self._decode_group(embs, group)
+                    group, tiles = [], 0
+        if group:
+            yield from self._decode_group(embs, group)
+
+    def _grid(self, job: ParamJob) -> tuple[int, int]:
+        """Distinct tiles along out and in (at most ``tile_limit`` each)."""
+        c = self.config
+        lim = c.tile_limit
+        o, i = job.view[:2]
+        if job.route == "1d":
+            return min(lim, math.ceil(o / c.chunk_1d)), 1
+        if job.route == "cls_b":
+            return 1, 1
+        co, ci = c.chunk[:2]
+        return (1 if job.route == "cls" else min(lim, math.ceil(o / co))), min(lim, math.ceil(i / ci))
+
+    def _decode_group(
+        self, embs: tuple[Tensor, list[int]], group: list[tuple[int, ParamJob]]
+    ) -> Iterator[tuple[int, str, Tensor]]:
+        """Decode the tiles of ``group``'s tensors (``embs``: all graphs' node embeddings and graph offsets).
+
+        Rows are gathered with one index per tile size and results split with ``unbind``: per-row indexing
+        would give every row its own full-size gradient buffer in the backward pass.
+        """
+        h, offsets = embs
+        c = self.config
+        co, ci, k, _ = c.chunk
+        # one work item per tile: (key, item index); key = route and tile size
+        items: dict[tuple, list[tuple[int, int, int]]] = {}
+        for j, (_, job) in enumerate(group):
+            ga, gb = self._grid(job)
+            o, i, kh, kw = job.view
+            ob, ib = (min(o, ga * c.chunk_1d), 1) if job.route == "1d" else (min(o, ga * co), min(i, gb * ci))
+            for a in range(ga):
+                for b in range(gb):
+                    if job.route == "1d":
+                        key = ("1d", min(c.chunk_1d, ob - a * c.chunk_1d))
+                    elif job.route == "cls_b":
+                        key = ("cls_b",)
+                    elif job.route == "cls":
+                        key = ("cls", min(ci, ib - b * ci))
+                    else:
+                        key = ("nd", min(co, ob - a * co), min(ci, ib - b * ci), min(kh, k), min(kw, k))
+                    items.setdefault(key, []).append((j, a, b))
+        tiles: dict[int, dict[tuple[int, int], Tensor]] = {j: {} for j in range(len(group))}
+        conv_keys = [key for key in items if key[0] in ("nd", "cls")]
+        sizes = [key[1:] if key[0] == "nd" else (co, key[1], 1, 1) for key in conv_keys]
+        sliced = dict(zip(conv_keys, self.decoder.sliced_weights(sizes), strict=True)) if sizes else {}
+        for key, its in items.items():
+            dev = h.device
+            rows = torch.tensor([offsets[group[j][0]] + group[j][1].node for j, _, _ in its], device=dev)
+            e = h[rows]
+            if key[0] != "cls_b":
+                ab = torch.tensor([(a, b) for _, a, b in its], device=dev)
+                e = e + self.tile_proj(tile_code(ab).flatten(1))
+            if key[0] == "1d":
+                out = self.decoder_1d(e)[:, : key[1]]
+            elif key[0] == "cls_b":
+                if self.class_bias is None:
+                    raise ValueError("this GHN has no classifier predictor (no DatasetInfo)")
+                out = self.class_bias(e)
+            elif key[0] == "cls":
+                out = self.decoder(e, co, key[1], 1, 1, classifier=True, weights=sliced[key])
+            else:
+                out = self.decoder(e, *key[1:], weights=sliced[key])
+            for t, (j, a, b) in zip(out.unbind(0), its, strict=True):
+                tiles[j][(a, b)] = t
+        for j, (gi, job) in enumerate(group):
+            w = self._assemble(job, tiles[j])
+            w = normalize_param(w, job.ptype, is_last=job.is_last) * job.scale
+            if w.dim() >= 2:
+                w = w * self.log_gain[job.ptype.id].exp()
+            yield gi, job.name, w
+
+    def _assemble(self, job: ParamJob, tiles: dict[tuple[int, int], Tensor]) -> Tensor:
+        """Concatenate a tensor's tiles, repeat the block beyond ``tile_limit`` tiles, fit kernel and shape."""
+        ga, gb = self._grid(job)
+        o, i, kh, kw = job.view
+        if job.route in ("1d", "cls_b"):
+            w = torch.cat([tiles[(a, 0)] for a in range(ga)]) if ga > 1 else tiles[(0, 0)]
+            return _repeat_to(w, (o,)).reshape(job.shape)
+        rows = [torch.cat([tiles[(a, b)] for b in range(gb)], 1) if gb > 1 else tiles[(a, 0)] for a in range(ga)]
+        w = torch.cat(rows, 0) if ga > 1 else rows[0]
+        if job.route == "cls":
+            w = w.unsqueeze(-1).unsqueeze(-1)
+        w = _repeat_to(w, (o, i, *w.shape[2:]))
+        w = _fit_dim(_fit_dim(w, 2, kh), 3, kw)
+        return w.reshape(job.shape)
+
+
+FREE_SUMS = 8  # residual sums a network may have before its branch outputs are scaled down
+
+
+def residual_branch_ends(g: Graph) -> tuple[set[int], int]:
+    """Weight/norm nodes whose output enters a sum (directly or through their bias node, which is included),
+    and the number of sum nodes.
+
+    A predicted network with ``S`` residual sums of similar branches adds ``S`` nearly equal terms: its
+    activations grow like ``S`` (the predicted ResNet-998 started at loss 71). Like Fixup (Zhang et al., 2019)
+    and SkipInit (De & Smith, 2020), which down-weight residual branches with depth, the GHN multiplies the
+    last weight or norm scale of every branch by
+
+    .. math:: \\min\\big(1, \\sqrt{S_0 / S}\\big),\\qquad S_0 = 8,
+
+    so that the variance of the residual stream grows like ``S_0`` instead of ``S``; networks with up to
+    ``S_0`` sums (most of the meta-training space) are unchanged.
+    """
+    n = g.num_nodes
+    types = g.node_types.tolist()
+    sum_id, bias_id = PrimType.SUM.id, PrimType.BIAS.id
+    succ: list[list[int]] = [[] for _ in range(n)]
+    for a, b in g.edges.t().tolist():
+        succ[a].append(b)
+    sums = {i for i in range(n) if types[i] == sum_id}
+    scalable = {t.id for t in _NORM_TYPES | _WEIGHT_TYPES}
+    ends = set()
+    for u in range(n):
+        if types[u] not in scalable:
+            continue
+        for v in succ[u]:
+            if v in sums:
+                ends.add(u)
+            elif types[v] == bias_id and len(succ[v]) == 1 and succ[v][0] in sums:
+                ends.update((u, v))  # the branch's bias is part of its output
+    return ends, len(sums)
 
 
 def last_layer_nodes(g: Graph) -> set[int]:
@@ -346,39 +706,9 @@ def last_layer_nodes(g: Graph) -> set[int]:
     return last
 
 
-def tile_to_shape(
-    raw: Tensor, shape: tuple[int, ...], chunk: tuple[int, int, int, int], ptype: PrimType
-) -> Tensor:
-    """Tile or slice one decoded chunk to ``shape`` (GHN-2 Sec. 4, "tiling"; GHN-3 keeps it).
-
-    * 4-D conv weights ``[o, i, kh, kw]`` from the chunk ``[co, ci, k, k]``: repeat along ``o`` and ``i``
-      ``ceil(o/co)``, ``ceil(i/ci)`` times and slice; kernels smaller than ``k`` are centre-cropped, larger
-      ones get the chunk in their centre and zeros around it. 3-D conv weights are ``[o, i, 1, kw]``.
-    * other tensors with >= 2 dims: viewed as ``[prod(shape[:-1]), shape[-1]]`` (conv-free: linear weights,
-      position tables) and tiled from the chunk seen as a ``[co, ci*k*k]`` matrix.
-    * 1-D / scalar tensors from the 1-D chunk ``[L]``: repeated ``ceil(n/L)`` times and sliced.
-
-    Args:
-        raw: ``[co*ci*k*k]`` or ``[L]`` decoder output for one node.
-        shape: the target shape.
-        chunk: ``(co, ci, k, k)``.
-        ptype: the node's type (decides the conv route for 3-D/4-D tensors).
-    """
-    co, ci, k1, k2 = chunk
-    if len(shape) <= 1:
-        n = shape[0] if shape else 1
-        return _repeat_to(raw, (n,)).reshape(shape)
-    if ptype in {PrimType.CONV, PrimType.CONV_DW, PrimType.CONV_DIL} and len(shape) in (3, 4):
-        o, i, *ks = shape
-        kh, kw = (1, ks[0]) if len(ks) == 1 else ks
-        w = _repeat_to(raw.view(co, ci, k1, k2), (o, i, k1, k2))
-        w = _fit_dim(_fit_dim(w, 2, kh), 3, kw)
-        return w.reshape(shape)
-    rows, cols = math.prod(shape[:-1]), shape[-1]
-    return _repeat_to(raw.view(co, ci * k1 * k2), (rows, cols)).reshape(shape)
-
-
 def _repeat_to(x: Tensor, size: tuple[int, ...]) -> Tensor:
+    if tuple(x.shape) == tuple(size):  # no slicing op: its backward would allocate a zero-filled copy
+        return x
     reps = [math.ceil(s / d) for s, d in zip(size, x.shape, strict=True)]
     if any(r > 1 for r in reps):
         x = x.repeat(*reps)
@@ -450,7 +780,11 @@ __all__ = [
     "SIZES",
     "ghn_config",
     "last_layer_nodes",
+    "residual_branch_ends",
     "normalize_param",
     "predicted_param_regularizer",
-    "tile_to_shape",
+    "tile_code",
+    "ConvDecoder",
+    "PreparedGraph",
+    "ParamJob",
 ]

@@ -122,7 +122,9 @@ def measure_prediction(
     rss_model = peak_rss_gib()
     n_params = sum(p.numel() for p in model.parameters())
     inputs = example_inputs if example_inputs is not None else torch.zeros(1, *ds.in_shape)
-    rep = predict_into(model, ghn, example_inputs=inputs, bn_batches=bn_batches, progress=True)
+    # without bn_batches this measures prediction only: the statistics are not used, so they are kept
+    bn = bn_batches if bn_batches is not None else "keep"
+    rep = predict_into(model, ghn, example_inputs=inputs, bn_batches=bn, progress=True)
     return model, {
         "model": name,
         "params": n_params,

@@ -88,14 +88,14 @@ def test_head_modes_for_another_class_count():
     with pytest.raises(ValueError, match="10 classes, but the model outputs 5"):
         predict_into(model, ghn, example_inputs=x)
     fc = model.fc.weight.detach().clone()
-    rep = predict_into(model, ghn, example_inputs=x, head="reinit")
+    rep = predict_into(model, ghn, example_inputs=x, head="reinit", bn_batches="keep")
     assert rep.head == ["fc.weight", "fc.bias"]
     assert torch.equal(model.fc.weight, fc)  # default init kept
-    rep = predict_into(model, ghn, example_inputs=x, head="predict")
+    rep = predict_into(model, ghn, example_inputs=x, head="predict", bn_batches="keep")
     assert not rep.head and "fc.weight" in rep.predicted
     assert not torch.equal(model.fc.weight, fc) and model.fc.weight.shape == (5, 64)
     with pytest.raises(ValueError, match="head must be one of"):
-        predict_into(model, ghn, example_inputs=x, head="drop")
+        predict_into(model, ghn, example_inputs=x, head="drop", bn_batches="keep")
 
 
 def test_scale_model_names():
