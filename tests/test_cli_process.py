@@ -51,11 +51,14 @@ def test_errors_are_one_line_with_status_2_and_debug_shows_the_traceback():
 def test_ctrl_c_says_how_to_continue_and_resume_does(tmp_path: Path):
     out = tmp_path / "run"
     args = ["train", "--model", "mlp", "--epochs", "400", "--no-progress", "--out", str(out)]
+    # a shell's background job inherits SIGINT ignored; the child must get the default, as in a terminal
     process = subprocess.Popen([sys.executable, "-m", "quicktrain.cli", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=ENV)
+                               stderr=subprocess.PIPE, text=True, env=ENV,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not (out / "last.pt").exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.2)
+    assert process.poll() is None and (out / "last.pt").exists(), "the run ended or wrote no checkpoint in time"
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
