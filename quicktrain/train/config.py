@@ -139,7 +139,7 @@ def check_setting(name: str, value: Any) -> Any:
     if name not in hints:
         raise ConfigError(f"unknown setting {name!r}; choose from {TrainConfig.field_names()}")
     expected = hints[name]
-    allowed = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    allowed = _members(expected)
     if value is None:
         if type(None) in allowed:
             return None
@@ -162,9 +162,13 @@ def _type_hints() -> dict[str, Any]:
 
 
 def _type_name(annotation: Any) -> str:
-    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     names = {bool: "a bool", int: "an integer", float: "a number", str: "a string", type(None): "none"}
-    return " or ".join(names.get(t, str(t)) for t in allowed)
+    return " or ".join(names.get(t, str(t)) for t in _members(annotation))
+
+
+def _members(annotation: Any) -> tuple[Any, ...]:
+    """The types an annotation admits: ``(str, NoneType)`` for ``str | None``, ``(int,)`` for ``int``."""
+    return typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
 
 
 def lr_at(step: int, total_steps: int, *, base_lr: float, warmup_steps: int = 0, schedule: str = "cosine") -> float:
