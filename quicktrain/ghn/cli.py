@@ -69,6 +69,11 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     tr.add_argument("--device", default=d.device, help="device for the GHN, the pool and the data (cpu, cuda)")
     tr.add_argument("--out", required=True, help="checkpoint path (rewritten every --save-every steps)")
     tr.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    tr.add_argument(
+        "--init-from",
+        default=d.init_from,
+        help="start from this GHN checkpoint's weights (e.g. a shipped one), with a fresh optimizer",
+    )
     tr.add_argument("--ship", default=None, help="also write a copy without optimizer state here")
     tr.set_defaults(func=_train)
 

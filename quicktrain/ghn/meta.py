@@ -61,6 +61,7 @@ class MetaTrainConfig:
     schedule_min: float = 0.0  # > 0: cosine over this many minutes of training time (all resumes), then stop
     threads: int = 0  # > 0: torch.set_num_threads
     device: str = "cpu"
+    init_from: str = ""  # a GHN checkpoint to start from (its weights only; a fresh optimizer and schedule)
 
 
 def lr_at(step: int, *, base: float, warmup: int, total: int, progress: float | None = None) -> float:
@@ -204,6 +205,16 @@ def _load_data(name: str):
     return get_dataset(name)
 
 
+def _load_weights(ghn: GHN, path: str | Path) -> None:
+    """Start ``ghn`` from the weights of the GHN checkpoint at ``path`` (same config and dataset)."""
+    payload = read_checkpoint(path)
+    if GHNConfig.from_dict(payload["config"]) != ghn.config:
+        raise ValueError(f"cannot start from {path}: its GHN config differs from --size/--no-graph of this run")
+    if DatasetInfo.from_dict(payload["dataset"]) != ghn.dataset:
+        raise ValueError(f"cannot start from {path}: it was trained for {payload['dataset']}, not {ghn.dataset}")
+    ghn.load_state_dict(payload["state_dict"])
+
+
 def meta_train(cfg: MetaTrainConfig, out: str | Path, *, resume: bool = False, command: str = "") -> dict[str, Any]:
     """Meta-train a GHN and save it to ``out`` (and every ``save_every`` steps, for ``resume``).
 
@@ -241,6 +252,8 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, *, resume: bool = False, c
         prior_cpu = float(tr.get("cpu_seconds", 0.0))
         gen.set_state(tr["rng"][rank] if rank < len(tr["rng"]) else tr["rng"][0])
         torch.set_rng_state(tr["torch_rng"])
+    elif cfg.init_from:
+        _load_weights(ghn, cfg.init_from)
     ghn.train()
     pool = (
         ArchPool(

@@ -45,3 +45,19 @@ def test_resume_equals_straight_run(tmp_path):
     a, b = read_checkpoint(straight), read_checkpoint(resumed)
     assert a["train"]["step"] == b["train"]["step"] == 4
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_init_from_starts_at_the_given_weights_and_checks_them(tmp_path):
+    kw = dict(dataset="digits", size="T", meta_batch=1, batch_size=8, warmup=2, save_every=100, log_every=100)
+    kw["pool_size"] = 4
+    first = tmp_path / "first.pt"
+    meta_train(MetaTrainConfig(steps=2, **kw), first)
+    zero = tmp_path / "zero.pt"  # lr 0: the weights stay where they started
+    meta_train(MetaTrainConfig(steps=1, lr=0.0, init_from=str(first), **kw), zero)
+    a, b = read_checkpoint(first)["state_dict"], read_checkpoint(zero)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fresh = tmp_path / "fresh.pt"
+    meta_train(MetaTrainConfig(steps=1, lr=0.0, **kw), fresh)
+    assert not all(torch.equal(a[k], v) for k, v in read_checkpoint(fresh)["state_dict"].items())
+    with pytest.raises(ValueError, match="config differs"):
+        meta_train(MetaTrainConfig(steps=1, init_from=str(first), graph_info=False, **kw), tmp_path / "x.pt")
