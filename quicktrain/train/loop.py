@@ -305,6 +305,9 @@ def fit(config: TrainConfig, hooks: Hooks | None = None, *, one_line: str | None
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
                     loss, logits = run.maker.forward_backward(x, y)
                 loss_value = loss.item()
+                if dist.enabled:  # the global batch's loss: a NaN on one rank stops every rank, none waits alone
+                    loss_total, count = all_reduce_sum([loss_value * len(y), float(len(y))], device)
+                    loss_value = loss_total / count
                 if not math.isfinite(loss_value):
                     raise NonFiniteLossError(
                         f"loss became {loss_value} at step {at.step} (epoch {epoch + 1}); last finite loss was "

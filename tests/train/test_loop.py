@@ -264,3 +264,32 @@ def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
     assert losses == pytest.approx(logged, rel=1e-6)
     assert [e.step for e in events.Scalars("epoch/test_acc")] == [6, 12]
     assert events.Tags()["tensors"] == ["config/text_summary"]
+
+
+ONE_RANK_NAN = '''
+import dataclasses, math, os
+from quicktrain.train import AutogradGradients, Hooks, TrainConfig, fit
+
+class SpoiledOnRankOne(AutogradGradients):
+    calls = 0
+
+    def forward_backward(self, inputs, targets):
+        loss, logits = super().forward_backward(inputs, targets)
+        SpoiledOnRankOne.calls += 1
+        if SpoiledOnRankOne.calls == 3 and os.environ["RANK"] == "1":
+            return loss * math.nan, logits
+        return loss, logits
+
+config = TrainConfig(dataset="digits", model="mlp", epochs=2, batch_size=64, max_steps_per_epoch=5, progress=False)
+fit(config, Hooks(gradients=SpoiledOnRankOne))
+'''
+
+
+def test_torchrun_a_nan_on_one_rank_stops_every_rank(tmp_path):
+    script = tmp_path / "one_rank_nan.py"
+    script.write_text(ONE_RANK_NAN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # without the all-reduced loss, rank 0 would wait forever in the next gradient all-reduce
+    done = subprocess.run([*TORCHRUN, str(script)], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert done.stderr.count("loss became nan at step 2") >= 2, done.stderr[-2000:]
