@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from scipy import stats
 
 from quicktrain import models
 from quicktrain.data import get_dataset
@@ -193,21 +194,32 @@ def run_dataset(name: str, ckpt: Path, args) -> dict:
 
 
 def run_ablation(name: str, ckpts: list[Path], args) -> dict:
+    """Zero-shot accuracy of each GHN on the same unseen networks; every GHN after the first is compared with
+    the first by the paired per-network difference (points, mean and 95% t-interval over networks)."""
     data = get_dataset(name)
     xtr = data.train.tensors[0]
     xte, yte = data.test.tensors[0][: args.test_size], data.test.tensors[1][: args.test_size]
     bn = [xtr[i * 128 : (i + 1) * 128] for i in range(4)]
+    nets = [f"{split}:{i}" for split in SPLITS for i in range(args.archs)]
     out = {}
     for ckpt in ckpts:
         ghn = load_checkpoint(ckpt)
-        accs = {}
-        for split in ("test", "deep", "wide"):
-            accs[split] = statistics.mean(
-                accuracy(init_model(f"{split}:{i}", ghn.dataset, ghn, bn, use_ghn=True, seed=0)[0], xte, yte)
-                for i in range(args.archs)
-            )
-        out[str(ckpt)] = {"command": read_checkpoint(ckpt).get("command"), "zero_shot": accs}
+        per = [accuracy(init_model(n, ghn.dataset, ghn, bn, use_ghn=True, seed=0)[0], xte, yte) for n in nets]
+        by_net = dict(zip(nets, per, strict=True))
+        accs = {split: statistics.mean(by_net[f"{split}:{i}"] for i in range(args.archs)) for split in SPLITS}
+        out[str(ckpt)] = {
+            "command": read_checkpoint(ckpt).get("command"),
+            "steps": read_checkpoint(ckpt).get("train", {}).get("step"),
+            "zero_shot": accs,
+            "per_network": by_net,
+        }
         print(f"[{name}] ablation {ckpt}: {accs}", flush=True)
+    first = out[str(ckpts[0])]["per_network"]
+    for ckpt in ckpts[1:]:
+        diffs = [100 * (first[n] - out[str(ckpt)]["per_network"][n]) for n in nets]
+        m = statistics.mean(diffs)
+        half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+        out[str(ckpt)]["first_minus_this"] = {"mean": m, "low": m - half, "high": m + half, "networks": len(diffs)}
     return out
 
 
@@ -416,12 +428,17 @@ def print_tables(results: dict) -> None:
         for n, t in results["tv_timing"].items():
             print(f"| {n} | {t['params'] / 1e6:.1f} | {t['tensors']} | {t['seconds']:.2f} |")
     if results.get("ablations"):
-        print("\n| dataset | GHN | test | deep | wide |")
-        print("|---|---|---|---|---|")
+        print("\n| dataset | GHN | meta-steps | test | deep | wide | first GHN − this, points (networks) |")
+        print("|---|---|---|---|---|---|---|")
         for name, abl in results["ablations"].items():
             for ckpt, a in abl.items():
                 z = a["zero_shot"]
-                print(f"| {name} | {Path(ckpt).name} | {z['test']:.3f} | {z['deep']:.3f} | {z['wide']:.3f} |")
+                d = a.get("first_minus_this")
+                diff = f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] ({d['networks']})" if d else "-"
+                print(
+                    f"| {name} | {Path(ckpt).name} | {a.get('steps')} | {z['test']:.3f} | {z['deep']:.3f} | "
+                    f"{z['wide']:.3f} | {diff} |"
+                )
 
 
 if __name__ == "__main__":
