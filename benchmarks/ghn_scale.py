@@ -97,7 +97,9 @@ def part_scale(args: argparse.Namespace) -> None:
         for init, losses in train["losses"].items():
             print(f"- {init}: " + ", ".join(f"{v:.3g}" for v in losses))
     _write(
-        "scale", rows, {"dataset": ghn_ds, "graph": rows, "slope_depth": slope_depth, "predict": preds, "train": train}
+        "scale" + args.tag,
+        rows,
+        {"dataset": ghn_ds, "graph": rows, "slope_depth": slope_depth, "predict": preds, "train": train},
     )
 
 
@@ -132,7 +134,7 @@ def part_size(args: argparse.Namespace) -> None:
             f"| {r['size']} | {r['params_M']:.2f} | {r['steps']} | {r['archs_seen']} | {r['train_s']:.0f} | "
             f"{r['acc_test']:.3f} | {r['acc_deep']:.3f} | {r['acc_wide']:.3f} |"
         )
-    _write("size", rows, {"dataset": ds, "archs_per_split": args.archs, "rows": rows, "checkpoints": specs})
+    _write("size" + args.tag, rows, {"dataset": ds, "archs_per_split": args.archs, "rows": rows, "checkpoints": specs})
 
 
 def part_transfer(args: argparse.Namespace) -> None:
@@ -177,7 +179,7 @@ def part_transfer(args: argparse.Namespace) -> None:
         mean = sum(r["acc_final"] for r in sel) / len(sel)
         k0 = sum(r["acc_k0"] for r in sel) / len(sel)
         print(f"| {task} | {regime} | {sel[0]['examples']} | {sel[0]['steps']} | {init} | {k0:.3f} | {mean:.3f} |")
-    _write("transfer", rows, {"source": args.dataset, "model": args.model, "args": vars(args), "rows": rows})
+    _write("transfer" + args.tag, rows, {"source": args.dataset, "model": args.model, "args": vars(args), "rows": rows})
 
 
 def main() -> None:
@@ -185,6 +187,7 @@ def main() -> None:
     p.add_argument("--parts", nargs="+", default=["scale", "transfer"], choices=["scale", "size", "transfer"])
     p.add_argument("--dataset", default="fashion-mnist", help="source data set (its shipped GHN)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tag", default="", help="suffix of the result files (ghn_transfer{tag}.json, ...)")
     # (a)
     p.add_argument("--scale-models", nargs="*", default=["resnet998", "resnet1202", "vit1b"])
     p.add_argument("--train-steps", type=int, default=20, help="ResNet-998 SGD steps per init (0 = skip)")
