@@ -9,6 +9,11 @@ cache-sized pieces of :data:`RNG_PIECE` elements), so ``W(0)`` can be streamed i
 blocks (the fast trainer never holds all of ``W``) and regenerated bit-exactly to
 materialise ``W`` later; the contraction with the data is batched per block. Rows are
 generated on the CPU and moved to the target device.
+
+:class:`ConditionalInit` draws the same distribution without drawing ``W(0)`` first: the
+pre-activations ``Z(0) = W(0) X^T`` of the training data come straight from their law
+``z_r ~ N(0, G)`` (``G = X X^T``), and ``W(0)`` is drawn conditionally on them only when it is
+materialised (see its docstring for the proof that the rows are exactly ``N(0, I_d)``).
 :class:`ExplicitInit` wraps given ``W(0)`` and ``a`` behind the same interface.
 """
 
@@ -21,15 +26,19 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import SUPPORTED_DTYPES, check_positive, check_threshold
-from ._math import shifted_relu
+from ._math import gram_matrix, kron_rows, preactivations, shifted_relu
 
-__all__ = ["ROW_BLOCK", "ExplicitInit", "KronMLP", "SeededInit"]
+__all__ = ["MAX_GRAM_COND", "ROW_BLOCK", "ConditionalInit", "ExplicitInit", "KronMLP", "SeededInit", "gram_condition"]
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant to decorrelate block seeds
 ROW_BLOCK = 16  # rows of W(0) per generator seed and the streaming granularity (16 MB blocks at d = 262,144)
 # Elements per randn call: torch fills a normal tensor in two passes, so L2-sized pieces of a block
 # (not one call per 16 MB block, which measured 1.4x slower) keep the draw in cache.
 RNG_PIECE = 1 << 16
+# Largest condition number of G for which ConditionalInit is used: materialised W(0) reproduces Z(0)
+# to about cond(G)·ε relative (≈ 2e-13 in float64 at the bound), i.e. the trainer stays exact.
+MAX_GRAM_COND = 1e3
+_POINT_CHUNK_ELEMS = 1 << 22  # explicit x rows built at a time when materialising ConditionalInit
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,10 @@ class SeededInit:
 
     def _block_seed(self, j: int) -> int:
         return (self.seed * _MIX + j + 1) % (2**63 - 1)
+
+    def _aux_seed(self) -> int:
+        """Seed of ConditionalInit's draw of Z(0); block seeds are ``seed·MIX + j + 1`` with ``j ≥ 0``."""
+        return (self.seed * _MIX - 1) % (2**63 - 1)
 
     def rows(
         self, start: int, stop: int, *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
@@ -92,6 +105,127 @@ class SeededInit:
         """Output signs ``a ∈ {-1, +1}^m``."""
         g = torch.Generator().manual_seed(self.seed)
         return (torch.randint(0, 2, (self.m,), generator=g) * 2 - 1).to(dtype=dtype, device=device)
+
+
+def gram_condition(gram: Tensor) -> float:
+    """2-norm condition number ``λ_max / λ_min`` of a symmetric Gram matrix (``inf`` if singular).
+
+    Computed in float64 from the eigenvalues (``O(n^3)``).
+    """
+    ev = torch.linalg.eigvalsh(gram.to(torch.float64))
+    return float(ev[-1] / ev[0]) if float(ev[0]) > 0 else math.inf
+
+
+@dataclass(frozen=True, eq=False)
+class ConditionalInit:
+    """``W(0)`` with rows ``N(0, I_d)``, drawn through its pre-activations on the training data.
+
+    With ``X = [x_1; …; x_n]`` (``n × d``, full row rank) and ``G = X X^T = L L^T`` (Cholesky):
+
+    .. math::  Z(0) = H L^\\top, \\quad H_{ri} \\sim N(0, 1);\\qquad
+               W(0) = \\Xi + \\bigl(Z(0) - \\Xi X^\\top\\bigr) G^{-1} X,
+               \\quad \\Xi_{rj} \\sim N(0, 1)
+
+    (``Ξ`` is the :class:`SeededInit` of the same seed.) Then ``X W(0)^T = Z(0)^T``, and each row
+    ``w_r = ξ_r + X^T G^{-1}(z_r − X ξ_r)`` is Gaussian with mean 0 and covariance
+    ``(I − P) + X^T G^{-1} G G^{-1} X = I`` (``P = X^T G^{-1} X``, ``z_r ~ N(0, G)`` independent of
+    ``ξ_r``), rows independent: exactly the law of ``w_r(0) ~ N(0, I_d)``. So ``Z(0)`` costs
+    ``O(n^3 + m n^2)`` instead of the ``O(m n d)`` draw-and-contract of :class:`SeededInit`, and
+    the ``O(m n d)`` work moves to :meth:`rows` (materialisation, on request only).
+
+    It is a different sample from :class:`SeededInit` of the same seed (same law). Use it only for
+    well-conditioned ``G`` (:data:`MAX_GRAM_COND`): ``X W(0)^T`` reproduces ``Z(0)`` to about
+    ``cond(G)·ε`` relative.
+
+    Attributes:
+        base: The seeded ``Ξ`` (and the output signs).
+        factors: Training factors ``[n, d_k]`` in float64 (``X`` is formed from them in chunks).
+        chol: Lower Cholesky factor ``L`` of ``G`` (float64).
+        z0: ``Z(0)`` ``[m, n]`` (float64).
+    """
+
+    base: SeededInit
+    factors: tuple[Tensor, ...]
+    chol: Tensor
+    z0: Tensor
+
+    @classmethod
+    def draw(
+        cls, base: SeededInit, factors: tuple[Tensor, ...], *, gram_cond: float | None = None
+    ) -> ConditionalInit:
+        """Draw ``Z(0) = H L^T`` for the training ``factors`` (``Π d_k`` must equal ``base.d``).
+
+        Args:
+            base: Seed, width and ``d``.
+            factors: Training factors ``[n, d_k]``.
+            gram_cond: :func:`gram_condition` of their Gram matrix if already known.
+
+        Raises:
+            ValueError: If ``G`` is singular or its condition number exceeds :data:`MAX_GRAM_COND`.
+        """
+        f64 = tuple(f.to(torch.float64) for f in factors)
+        if math.prod(f.shape[1] for f in f64) != base.d:
+            dims = [f.shape[1] for f in f64]
+            raise ValueError(f"base.d = {base.d} but the factors give d = Π {dims}; rebuild the init")
+        gram = gram_matrix(f64)
+        cond = gram_condition(gram) if gram_cond is None else gram_cond
+        if cond > MAX_GRAM_COND:
+            raise ValueError(
+                f"the Gram matrix of the training points has condition number {cond:.3g} > {MAX_GRAM_COND:g} "
+                "(more points than dimensions, duplicates or near-collinear points), so W(0) cannot be drawn "
+                "conditionally and stay exact; use draw='full' (or 'auto')"
+            )
+        chol = torch.linalg.cholesky(gram)
+        g = torch.Generator().manual_seed(base._aux_seed())
+        h = torch.randn(base.m, gram.shape[0], generator=g, dtype=torch.float64).to(gram.device)
+        return cls(base, f64, chol, h @ chol.T)
+
+    @property
+    def m(self) -> int:
+        """Width."""
+        return self.base.m
+
+    @property
+    def d(self) -> int:
+        """Input dimension."""
+        return self.base.d
+
+    def rows(
+        self, start: int, stop: int, *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
+    ) -> Tensor:
+        """Rows ``start:stop`` of ``W(0) = Ξ + (Z(0) − Ξ X^T) G^{-1} X`` (``O(rows · n · d)``).
+
+        Computed per :data:`ROW_BLOCK` of rows, so a row is bit-identical whichever range it is
+        asked in. ``Ξ`` and the products with ``X`` are in ``dtype``; the ``n × n`` solve is in float64.
+        """
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype {dtype} unsupported; use torch.float32 or torch.float64")
+        if not 0 <= start <= stop <= self.m:
+            raise ValueError(f"row range [{start}, {stop}) outside [0, {self.m})")
+        dev = self.z0.device
+        fs = tuple(f.to(dtype) for f in self.factors)
+        n = fs[0].shape[0]
+        pc = max(1, _POINT_CHUNK_ELEMS // self.d)
+        lo = start - start % ROW_BLOCK
+        hi = min(self.m, -(-stop // ROW_BLOCK) * ROW_BLOCK)
+        out = torch.empty(max(hi - lo, 0), self.d, dtype=dtype, device=dev)
+        for s in range(lo, hi, ROW_BLOCK):
+            e = min(self.m, s + ROW_BLOCK)
+            xi = self.base.rows(s, e, dtype=dtype, device=dev)
+            resid = self.z0[s:e] - preactivations(xi, fs).to(torch.float64)  # Z(0) − Ξ X^T
+            coef = torch.cholesky_solve(resid.T, self.chol).T.to(dtype)  # (Z(0) − Ξ X^T) G^{-1}
+            for p in range(0, n, pc):
+                xi += coef[:, p : p + pc] @ kron_rows([f[p : p + pc] for f in fs])
+            out[s - lo : e - lo] = xi
+        return out[start - lo : stop - lo].to(device)
+
+    def weight(self, *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Tensor:
+        """All of ``W(0)`` as ``[m, d]`` (d-dependent memory and ``O(m n d)`` time)."""
+        return self.rows(0, self.m, dtype=dtype, device=device)
+
+    def signs(self, *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Tensor:
+        """Output signs ``a`` (those of :attr:`base`)."""
+        return self.base.signs(dtype=dtype, device=device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -174,13 +308,13 @@ class KronMLP(nn.Module):
     @classmethod
     def from_init(
         cls,
-        init: SeededInit | ExplicitInit,
+        init: SeededInit | ConditionalInit | ExplicitInit,
         *,
         b: float,
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
     ) -> KronMLP:
-        """Build the network at ``W(0)`` of a :class:`SeededInit` or :class:`ExplicitInit`."""
+        """Build the network at ``W(0)`` of a :class:`SeededInit`, :class:`ConditionalInit` or :class:`ExplicitInit`."""
         return cls(init.weight(dtype=dtype, device=device), init.signs(dtype=dtype, device=device), b)
 
     @property

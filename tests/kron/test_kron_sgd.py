@@ -22,9 +22,10 @@ CASES = [
 TOL = {torch.float64: {"rtol": 1e-10, "atol": 1e-10}, torch.float32: {"rtol": 1e-4, "atol": 1e-4}}
 
 
-def _pair(case, dtype, device="cpu"):
+def _pair(case, dtype, device="cpu", draw="auto"):
     ds = make_teacher(case["n"], case["dims"], seed=case["seed"], dtype=dtype).to(device=device)
-    fast = KronSGD(ds.factors, ds.y, m=case["m"], b=case["b"], lr=case["lr"], seed=case["seed"] + 10)
+    fast = KronSGD(ds.factors, ds.y, m=case["m"], b=case["b"], lr=case["lr"], seed=case["seed"] + 10, draw=draw)
+    assert draw == "auto" or fast.draw == draw
     model = KronMLP.from_init(fast.init, b=case["b"], dtype=dtype, device=device)
     dense = DenseSGD(model, ds.factors, ds.y, lr=case["lr"])
     return ds, fast, dense
@@ -37,8 +38,8 @@ def _assert_rel(got, ref, rtol, atol):
     assert err <= atol + rtol * scale, f"error {err:.3e} > {atol + rtol * scale:.3e}"
 
 
-def _run_and_compare(case, dtype, device="cpu"):
-    ds, fast, dense = _pair(case, dtype, device)
+def _run_and_compare(case, dtype, device="cpu", draw="auto"):
+    ds, fast, dense = _pair(case, dtype, device, draw)
     tol = TOL[dtype]
     x = ds.x()
     _assert_rel(fast.Z, dense.model.weight.detach() @ x.T, **tol)
@@ -59,12 +60,14 @@ def _run_and_compare(case, dtype, device="cpu"):
     return ds, fast, dense
 
 
+@pytest.mark.parametrize("draw", ["full", "conditional"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize(
     "case", CASES, ids=lambda c: f"m{c['m']}-d{math.prod(c['dims'])}-B{c['batch']}-b{c['b']}"
 )
-def test_fast_equals_dense_every_step(case, dtype):
-    _run_and_compare(case, dtype)
+def test_fast_equals_dense_every_step(case, dtype, draw):
+    """Both seeded draws: the dense reference starts from the materialised W(0) of the trainer's init."""
+    _run_and_compare(case, dtype, draw=draw)
 
 
 def test_training_moves_and_reduces_loss():
@@ -137,20 +140,23 @@ def _z_test(count, trials, p):
     return abs(count - trials * p) / math.sqrt(trials * p * (1 - p))
 
 
+@pytest.mark.parametrize("draw", ["full", "conditional"])
 @pytest.mark.parametrize("b", [0.0, 0.5, 1.0, 2.0])
-def test_active_counts_at_init_match_gaussian_tail(b):
+def test_active_counts_at_init_match_gaussian_tail(b, draw):
     """|S_i| ~ Binomial(m, P(N(0,1) > b)) exactly for unit-norm x_i (since ⟨w_r, x_i⟩ ~ N(0,1))."""
     m, n = 4000, 40
     p = 0.5 * math.erfc(b / math.sqrt(2))
     ds = make_teacher(n, (10, 10), seed=3)
-    fast = KronSGD(ds.factors, ds.y, m=m, b=b, lr=0.1, seed=4)
+    fast = KronSGD(ds.factors, ds.y, m=m, b=b, lr=0.1, seed=4, draw=draw)
     counts = (fast.Z > b).sum(dim=0)
     # each point: exact binomial marginal; Bonferroni over n points at family-wise alpha ~ 1e-6 -> |z| < 6.1
     assert max(_z_test(c, m, p) for c in counts.tolist()) < 6.1
     # orthonormal inputs (x_i = e_a ⊗ e_c) make the points independent: pooled count ~ Binomial(n m, p)
     eye = torch.eye(8, dtype=torch.float64)
     a_idx, c_idx = torch.arange(64) // 8, torch.arange(64) % 8
-    ortho = KronSGD((eye[a_idx], eye[c_idx]), torch.zeros(64, dtype=torch.float64), m=m, b=b, lr=0.1, seed=5)
+    ortho = KronSGD(
+        (eye[a_idx], eye[c_idx]), torch.zeros(64, dtype=torch.float64), m=m, b=b, lr=0.1, seed=5, draw=draw
+    )
     pooled = int((ortho.Z > b).sum())
     assert _z_test(pooled, 64 * m, p) < 5.0
     # the search reports the same sets as the count
