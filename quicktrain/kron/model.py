@@ -20,6 +20,7 @@ materialised (see its docstring for the proof that the rows are exactly ``N(0, I
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -184,6 +185,13 @@ class ConditionalInit:
     def m(self) -> int:
         """Width."""
         return self.base.m
+
+    def has_factors(self, factors: Sequence[Tensor]) -> bool:
+        """Whether ``factors`` are the training factors ``Z(0)`` was drawn for (so it applies to them)."""
+        return len(factors) == len(self.factors) and all(
+            f.shape == g.shape and torch.equal(f.to(device=g.device, dtype=g.dtype), g)
+            for f, g in zip(factors, self.factors, strict=True)
+        )
 
     @property
     def d(self) -> int:

@@ -53,7 +53,7 @@ from .dense import StepResult
 from .model import MAX_GRAM_COND, ROW_BLOCK, ConditionalInit, ExplicitInit, KronMLP, SeededInit, gram_condition
 from .search import PATHS, choose_path, make_search
 
-__all__ = ["DRAWS", "KronSGD", "choose_draw", "initial_preactivations"]
+__all__ = ["DRAWS", "KronSGD", "choose_draw", "draw_seeded", "initial_preactivations"]
 
 DEFAULT_CHUNK_ELEMS = 1 << 23  # ≈ 32 MB of float32 per streamed block of W(0)
 DRAWS = ("conditional", "full")
@@ -90,10 +90,22 @@ def choose_draw(m: int, n: int, d: int, gram_cond: float | None = None) -> tuple
     return "conditional", f"conditional: 4n³+mn² = {cond_flops:.3g} flops vs 2mnd = {full_flops:.3g}, cond(G) = {cond}"
 
 
-def _seeded_draw(
-    init: SeededInit, factors: tuple[Tensor, ...], draw: str
+def draw_seeded(
+    init: SeededInit, factors: Sequence[Tensor], draw: str = "auto"
 ) -> tuple[SeededInit | ConditionalInit, str]:
-    """The initial weights the seeded trainer uses for ``draw`` (``"auto"`` or one of :data:`DRAWS`)."""
+    """The initial weights a seeded trainer uses, and why: ``init`` itself or its :class:`ConditionalInit`.
+
+    Args:
+        init: Seed, width and ``d``.
+        factors: Training factors ``[n, d_k]``.
+        draw: ``"auto"`` (:func:`choose_draw`) or one of :data:`DRAWS`.
+
+    Returns:
+        ``(initial weights, reason)``.
+    """
+    if draw != "auto" and draw not in DRAWS:
+        raise ValueError(f"unknown draw {draw!r}; choose 'auto' or one of {DRAWS}")
+    factors = tuple(factors)
     n = factors[0].shape[0]
     if draw == "full":
         return init, "draw='full' requested"
@@ -118,6 +130,9 @@ def initial_preactivations(
 
     .. math::  Z_{ri}(0) = \\langle w_r(0), x_i \\rangle = u_i^\\top W_r(0)\\, v_i
 
+    A :class:`ConditionalInit` asked for its own training factors returns its drawn ``Z(0)``
+    (no ``d``-dependent work); for other points it is streamed like the rest.
+
     Each block of rows (a multiple of :data:`~quicktrain.kron.model.ROW_BLOCK`, one generator
     seed per :data:`ROW_BLOCK` rows) is contracted with all factors at once by
     :func:`preactivations` (one matmul against the last factor, then one batched
@@ -138,6 +153,8 @@ def initial_preactivations(
     if d != init.d:
         raise ValueError(f"init.d = {init.d} but the factors give d = Π {dims} = {d}; rebuild the init")
     ref = factors[0]
+    if isinstance(init, ConditionalInit) and init.has_factors(factors):
+        return init.z0.to(device=ref.device, dtype=ref.dtype)
     rows = max(1, chunk_elems // (d + (d // dims[-1]) * n) // ROW_BLOCK) * ROW_BLOCK
     out = torch.empty(init.m, n, dtype=ref.dtype, device=ref.device)
     for s in range(0, init.m, rows):
@@ -212,8 +229,6 @@ class KronSGD:
     ) -> None:
         factors = check_factors(factors, y)
         check_positive("m", m, integer=True)
-        if draw != "auto" and draw not in DRAWS:
-            raise ValueError(f"unknown draw {draw!r}; choose 'auto' or one of {DRAWS}")
         init = SeededInit(m, math.prod(f.shape[1] for f in factors), seed)
         self._setup(factors, y, init, b, lr, path, chunk_elems, draw)
 
@@ -288,14 +303,11 @@ class KronSGD:
         self.a = init.signs(dtype=ref.dtype, device=ref.device)
         self.gram = gram_matrix(factors)
         if isinstance(init, SeededInit):
-            init, self.draw_reason = _seeded_draw(init, factors, draw)
+            init, self.draw_reason = draw_seeded(init, factors, draw)
         else:
             self.draw_reason = "W0 given (from_weights)"
         self.init = init
-        if isinstance(init, ConditionalInit):
-            z0 = init.z0.to(ref.dtype)
-        else:
-            z0 = initial_preactivations(init, factors, chunk_elems=chunk_elems)
+        z0 = initial_preactivations(init, factors, chunk_elems=chunk_elems)
         self.active_fraction = float((z0 > self.b).sum()) / z0.numel()
         auto, reason = choose_path(self.m, self.n, self.active_fraction)
         self.path = auto if path == "auto" else path
