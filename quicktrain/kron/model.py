@@ -39,7 +39,8 @@ RNG_PIECE = 1 << 16
 # Largest condition number of G for which ConditionalInit is used: materialised W(0) reproduces Z(0)
 # to about cond(G)·ε relative (≈ 2e-13 in float64 at the bound), i.e. the trainer stays exact.
 MAX_GRAM_COND = 1e3
-_POINT_CHUNK_ELEMS = 1 << 22  # explicit x rows built at a time when materialising ConditionalInit
+# Materialising ConditionalInit: elements of W(0) per group of rows (and of its [rows, d_1, n] temporary)
+_GROUP_ELEMS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -90,13 +91,18 @@ class SeededInit:
             raise ValueError(f"row range [{start}, {stop}) outside [0, {self.m})")
         lo = start - start % ROW_BLOCK
         hi = min(self.m, -(-stop // ROW_BLOCK) * ROW_BLOCK)
-        buf = torch.empty(max(hi - lo, 0), self.d, dtype=dtype)
+        buf = self._fill(torch.empty(max(hi - lo, 0), self.d, dtype=dtype), lo)
+        return buf[start - lo : stop - lo].to(device)
+
+    def _fill(self, buf: Tensor, lo: int) -> Tensor:
+        """Draw rows ``lo : lo + len(buf)`` into the CPU tensor ``buf`` (``lo`` a multiple of ROW_BLOCK,
+        the range ending at a block end or at ``m``); callers reuse ``buf`` so the draw stays in warm memory."""
         g = torch.Generator()
-        for s in range(lo, hi, ROW_BLOCK):  # one generator seed per block of rows
+        for s in range(lo, lo + buf.shape[0], ROW_BLOCK):  # one generator seed per block of rows
             g.manual_seed(self._block_seed(s // ROW_BLOCK))
             for piece in buf[s - lo : s - lo + ROW_BLOCK].view(-1).split(RNG_PIECE):
-                torch.randn(piece.shape, generator=g, dtype=dtype, out=piece)
-        return buf[start - lo : stop - lo].to(device)
+                torch.randn(piece.shape, generator=g, dtype=buf.dtype, out=piece)
+        return buf
 
     def weight(self, *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Tensor:
         """All of ``W(0)`` as ``[m, d]`` (d-dependent memory; for the dense reference)."""
@@ -178,7 +184,8 @@ class ConditionalInit:
             )
         chol = torch.linalg.cholesky(gram)
         g = torch.Generator().manual_seed(base._aux_seed())
-        h = torch.randn(base.m, gram.shape[0], generator=g, dtype=torch.float64).to(gram.device)
+        # H in float32 (a float64 draw is ~7x slower on CPU), then Z(0) = H L^T in float64
+        h = torch.randn(base.m, gram.shape[0], generator=g, dtype=torch.float32).to(gram.device, torch.float64)
         return cls(base, f64, chol, h @ chol.T)
 
     @property
@@ -203,8 +210,9 @@ class ConditionalInit:
     ) -> Tensor:
         """Rows ``start:stop`` of ``W(0) = Ξ + (Z(0) − Ξ X^T) G^{-1} X`` (``O(rows · n · d)``).
 
-        Computed per :data:`ROW_BLOCK` of rows, so a row is bit-identical whichever range it is
-        asked in. ``Ξ`` and the products with ``X`` are in ``dtype``; the ``n × n`` solve is in float64.
+        Computed in fixed groups of rows (:attr:`group_rows`, a multiple of :data:`ROW_BLOCK`), so
+        a row is bit-identical whichever range it is asked in. ``Ξ`` and the products with ``X`` are
+        in ``dtype``; the ``n × n`` solve is in float64.
         """
         if dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype {dtype} unsupported; use torch.float32 or torch.float64")
@@ -212,20 +220,36 @@ class ConditionalInit:
             raise ValueError(f"row range [{start}, {stop}) outside [0, {self.m})")
         dev = self.z0.device
         fs = tuple(f.to(dtype) for f in self.factors)
-        n = fs[0].shape[0]
-        pc = max(1, _POINT_CHUNK_ELEMS // self.d)
-        lo = start - start % ROW_BLOCK
-        hi = min(self.m, -(-stop // ROW_BLOCK) * ROW_BLOCK)
+        head, n, group = fs[0], fs[0].shape[0], self.group_rows
+        rest = kron_rows(fs[1:]) if len(fs) > 1 else None  # [n, d / d_1]
+        sub = max(1, _GROUP_ELEMS // (head.shape[1] * n))  # rows per [sub, d_1, n] temporary
+        lo = start - start % group
+        hi = min(self.m, -(-stop // group) * group)
         out = torch.empty(max(hi - lo, 0), self.d, dtype=dtype, device=dev)
-        for s in range(lo, hi, ROW_BLOCK):
-            e = min(self.m, s + ROW_BLOCK)
-            xi = self.base.rows(s, e, dtype=dtype, device=dev)
-            resid = self.z0[s:e] - preactivations(xi, fs).to(torch.float64)  # Z(0) − Ξ X^T
-            coef = torch.cholesky_solve(resid.T, self.chol).T.to(dtype)  # (Z(0) − Ξ X^T) G^{-1}
-            for p in range(0, n, pc):
-                xi += coef[:, p : p + pc] @ kron_rows([f[p : p + pc] for f in fs])
-            out[s - lo : e - lo] = xi
+        for s in range(lo, hi, group):
+            e = min(self.m, s + group)
+            w = out[s - lo : e - lo]
+            if dev.type == "cpu":  # Ξ drawn in place (no second pass over a fresh buffer)
+                self.base._fill(w, s)
+            else:
+                w.copy_(self.base.rows(s, e, dtype=dtype, device=dev))
+            resid = self.z0[s:e] - preactivations(w, fs).to(torch.float64)  # Z(0) − Ξ X^T
+            coef = torch.cholesky_solve(resid.T, self.chol).T.to(dtype)  # D = (Z(0) − Ξ X^T) G^{-1}
+            if rest is None:
+                w.addmm_(coef, head)
+                continue
+            # w_r += Σ_i D_ri u_i ⊗ x'_i, i.e. as a [d_1, d/d_1] matrix W_r += U_1^T diag(D_r) X': one GEMM
+            # with inner size n per sub-block of rows, never forming the n × d matrix X
+            wv = w.view(e - s, head.shape[1], -1)
+            for q in range(0, e - s, sub):
+                scaled = coef[q : q + sub, None, :] * head.T[None]  # [sub, d_1, n]
+                wv[q : q + sub].view(-1, wv.shape[2]).addmm_(scaled.reshape(-1, n), rest)
         return out[start - lo : stop - lo].to(device)
+
+    @property
+    def group_rows(self) -> int:
+        """Rows of ``W(0)`` materialised together: about ``2^24`` elements, a multiple of :data:`ROW_BLOCK`."""
+        return max(1, _GROUP_ELEMS // self.d // ROW_BLOCK) * ROW_BLOCK
 
     def weight(self, *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Tensor:
         """All of ``W(0)`` as ``[m, d]`` (d-dependent memory and ``O(m n d)`` time)."""

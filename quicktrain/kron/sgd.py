@@ -157,9 +157,12 @@ def initial_preactivations(
         return init.z0.to(device=ref.device, dtype=ref.dtype)
     rows = max(1, chunk_elems // (d + (d // dims[-1]) * n) // ROW_BLOCK) * ROW_BLOCK
     out = torch.empty(init.m, n, dtype=ref.dtype, device=ref.device)
+    # a seeded W(0) is drawn into one reused block (warm memory; a fresh block per chunk page-faults)
+    buf = torch.empty(rows, d, dtype=ref.dtype) if isinstance(init, SeededInit) and ref.device.type == "cpu" else None
     for s in range(0, init.m, rows):
         e = min(init.m, s + rows)
-        out[s:e] = preactivations(init.rows(s, e, dtype=ref.dtype, device=ref.device), factors)
+        w = init._fill(buf[: e - s], s) if buf is not None else init.rows(s, e, dtype=ref.dtype, device=ref.device)
+        out[s:e] = preactivations(w, factors)
     return out
 
 

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from quicktrain.kron import model as model_mod
 from quicktrain.kron import search as search_mod
 from quicktrain.kron.dense import DenseSGD
 from quicktrain.kron.model import ConditionalInit, ExplicitInit, KronMLP, SeededInit
@@ -217,12 +218,16 @@ def test_conditional_rows_are_standard_gaussian():
     assert not torch.allclose(w, SeededInit(m, 12, seed=2).weight())
 
 
-def test_seeded_draws_are_deterministic_and_range_independent():
+def test_seeded_draws_are_deterministic_and_range_independent(monkeypatch):
     factors, y, _, _, _ = _random_problem(10, (4, 6), 1, seed=12)
     runs = [KronSGD(factors, y, m=70, b=0.3, lr=0.5, seed=s, draw="conditional") for s in (4, 4, 5)]
     assert torch.equal(runs[0].Z, runs[1].Z) and not torch.equal(runs[0].Z, runs[2].Z)
     init = runs[0].init
+    monkeypatch.setattr(model_mod, "_GROUP_ELEMS", 24 * 32)  # groups of 32 rows: the range spans two
+    assert init.group_rows == 32
     torch.testing.assert_close(init.rows(19, 53), init.weight()[19:53], rtol=0, atol=0)
+    x = torch.stack([_kron(*[f[i] for f in factors]) for i in range(10)])
+    _close(init.weight() @ x.T, runs[0].Z)
     for draw in ("full", "conditional"):
         a, b = (KronSGD(factors, y, m=70, b=0.3, lr=0.5, seed=4, draw=draw) for _ in range(2))
         for k in range(4):

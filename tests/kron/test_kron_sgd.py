@@ -89,9 +89,10 @@ def test_duplicate_indices_in_batch():
     _assert_rel(fast.weight(ds.factors), dense.model.weight.detach(), **TOL[torch.float64])
 
 
-def test_module_predict_new_and_predict():
+@pytest.mark.parametrize("draw", ["full", "conditional"])
+def test_module_predict_new_and_predict(draw):
     case = {"m": 150, "dims": (6, 7), "n": 30, "batch": 6, "b": 0.7, "lr": 0.8, "steps": 10, "seed": 9}
-    ds, fast, dense = _run_and_compare(case, torch.float64)
+    ds, fast, dense = _run_and_compare(case, torch.float64, draw=draw)
     new = make_teacher(11, case["dims"], seed=99)
     model = fast.model(ds.factors)
     assert isinstance(model, torch.nn.Module)
