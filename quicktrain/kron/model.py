@@ -91,12 +91,21 @@ class SeededInit:
             raise ValueError(f"row range [{start}, {stop}) outside [0, {self.m})")
         lo = start - start % ROW_BLOCK
         hi = min(self.m, -(-stop // ROW_BLOCK) * ROW_BLOCK)
-        buf = self._fill(torch.empty(max(hi - lo, 0), self.d, dtype=dtype), lo)
+        buf = self.fill_(torch.empty(max(hi - lo, 0), self.d, dtype=dtype), lo)
         return buf[start - lo : stop - lo].to(device)
 
-    def _fill(self, buf: Tensor, lo: int) -> Tensor:
-        """Draw rows ``lo : lo + len(buf)`` into the CPU tensor ``buf`` (``lo`` a multiple of ROW_BLOCK,
-        the range ending at a block end or at ``m``); callers reuse ``buf`` so the draw stays in warm memory."""
+    def fill_(self, buf: Tensor, lo: int) -> Tensor:
+        """Draw rows ``lo : lo + len(buf)`` of ``W(0)`` into the CPU tensor ``buf`` in place (its dtype).
+
+        ``lo`` must be a multiple of :data:`ROW_BLOCK` and the range end at a block end or at ``m``.
+        Streaming callers reuse one ``buf``, so the draw writes to warm memory.
+        """
+        hi = lo + buf.shape[0]
+        if lo % ROW_BLOCK or not (hi == self.m or (hi % ROW_BLOCK == 0 and hi < self.m)) or buf.shape[1:] != (self.d,):
+            raise ValueError(
+                f"fill_ needs a [rows, {self.d}] buffer for whole blocks of {ROW_BLOCK} rows from a block start, got "
+                f"rows [{lo}, {hi}) into {tuple(buf.shape)}; use rows() for other ranges"
+            )
         g = torch.Generator()
         for s in range(lo, lo + buf.shape[0], ROW_BLOCK):  # one generator seed per block of rows
             g.manual_seed(self._block_seed(s // ROW_BLOCK))
@@ -230,7 +239,7 @@ class ConditionalInit:
             e = min(self.m, s + group)
             w = out[s - lo : e - lo]
             if dev.type == "cpu":  # Ξ drawn in place (no second pass over a fresh buffer)
-                self.base._fill(w, s)
+                self.base.fill_(w, s)
             else:
                 w.copy_(self.base.rows(s, e, dtype=dtype, device=dev))
             resid = self.z0[s:e] - preactivations(w, fs).to(torch.float64)  # Z(0) − Ξ X^T

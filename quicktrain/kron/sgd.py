@@ -20,8 +20,9 @@ One step on batch ``B`` (``k`` = active neurons per point, ``R`` = touched neuro
 4. ``Z[R, :] += C_B G[B, :]`` — ``O(|R| |B| n)``; the tree also refreshes ``O(|R| n log m)`` nodes;
 5. ``C[r, i] += c_ri`` for the ``P`` pairs.
 
-The trainer does not even keep the factor matrices: the step structurally cannot
-touch a length-``d`` vector. Only initialisation and materialisation (:meth:`KronSGD.weight`)
+The step state holds no factor matrix, so the step structurally cannot touch a length-``d``
+vector (a :class:`ConditionalInit` keeps a float64 copy of the factors, ``n × Σ d_k``, only to
+materialise ``W(0)``). Only initialisation and materialisation (:meth:`KronSGD.weight`)
 take the factors. Initialisation from a seed draws ``Z(0) ~ N(0, G)`` row by row
 (:class:`ConditionalInit`, ``O(n^3 + m n^2)``, no ``d``) where that is cheaper and ``G`` is
 well-conditioned, else it draws ``W(0)`` and contracts it (``O(m n d)`` via
@@ -161,7 +162,7 @@ def initial_preactivations(
     buf = torch.empty(rows, d, dtype=ref.dtype) if isinstance(init, SeededInit) and ref.device.type == "cpu" else None
     for s in range(0, init.m, rows):
         e = min(init.m, s + rows)
-        w = init._fill(buf[: e - s], s) if buf is not None else init.rows(s, e, dtype=ref.dtype, device=ref.device)
+        w = init.fill_(buf[: e - s], s) if buf is not None else init.rows(s, e, dtype=ref.dtype, device=ref.device)
         out[s:e] = preactivations(w, factors)
     return out
 

@@ -164,8 +164,12 @@ def test_initial_preactivations_any_chunk_equal_explicit_contraction(chunk_elems
     x = torch.stack([_kron(*[f[i] for f in factors]) for i in range(11)])
     z = initial_preactivations(init, factors, chunk_elems=chunk_elems)
     torch.testing.assert_close(z, init.weight() @ x.T, rtol=1e-13, atol=1e-13)
-    # the seeded rows are the same whichever range they are drawn in
+    # the seeded rows are the same whichever range they are drawn in, also drawn in place
     torch.testing.assert_close(init.rows(37, 130), init.weight()[37:130], rtol=0, atol=0)
+    buf = torch.empty(150 - 144, 24, dtype=F64)
+    torch.testing.assert_close(init.fill_(buf, 144), init.weight()[144:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="whole blocks of 16 rows"):
+        init.fill_(torch.empty(16, 24, dtype=F64), 8)
 
 
 def test_use_path_switches_without_changing_the_trajectory():

@@ -104,18 +104,20 @@ def test_module_predict_new_and_predict(draw):
     _assert_rel(fast.predict(idx), dense.predict(idx), **TOL[torch.float64])
 
 
-def test_resume_equals_straight_run():
+@pytest.mark.parametrize("draw", ["full", "conditional"])
+def test_resume_equals_straight_run(draw):
     case = {"m": 120, "dims": (6, 6), "n": 24, "batch": 6, "b": 0.6, "lr": 0.8, "steps": 1, "seed": 11}
     ds = make_teacher(case["n"], case["dims"], seed=1)
     sched = batch_schedule(case["n"], case["batch"], 10, seed=0)
-    straight = KronSGD(ds.factors, ds.y, m=120, b=0.6, lr=0.8, seed=5)
+    straight = KronSGD(ds.factors, ds.y, m=120, b=0.6, lr=0.8, seed=5, draw=draw)
     for idx in sched:
         straight.step(idx)
-    first = KronSGD(ds.factors, ds.y, m=120, b=0.6, lr=0.8, seed=5)
+    first = KronSGD(ds.factors, ds.y, m=120, b=0.6, lr=0.8, seed=5, draw=draw)
     for idx in sched[:5]:
         first.step(idx)
     resumed = KronSGD(ds.factors, ds.y, m=120, b=0.6, lr=0.8, seed=123)
     resumed.load_state_dict(first.state_dict())
+    assert resumed.draw == draw
     for idx in sched[5:]:
         resumed.step(idx)
     torch.testing.assert_close(resumed.Z, straight.Z, rtol=0, atol=0)
