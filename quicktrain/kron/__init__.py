@@ -7,27 +7,32 @@ trained by :class:`KronSGD`, which keeps the pre-activations ``Z`` in an activat
 search (default: a column scan or block bounds, chosen by :func:`choose_path`; the paper's
 :class:`AsynchronousTree` on request) and moves them through the Gram matrix;
 :class:`DenseSGD` is the explicit-``x`` reference. :meth:`KronSGD.from_weights` starts from
-given ``W(0)`` and ``a``.
+given ``W(0)`` and ``a``; from a seed, ``Z(0)`` is drawn from its law ``N(0, G)`` without drawing
+``W(0)`` where that is cheaper and exact (:class:`ConditionalInit`, :func:`choose_draw`).
 """
 
 from ._math import gram_matrix, kron_rows, preactivations, shifted_relu, squared_loss, update_coefficients
 from .data import KronDataset, batch_schedule, make_digit_pairs, make_fashion_pairs, make_teacher
 from .dense import DenseSGD, StepResult
-from .model import ExplicitInit, KronMLP, SeededInit
+from .model import ConditionalInit, ExplicitInit, KronMLP, SeededInit
 from .search import PATHS, BlockSearch, ScanSearch, TreeSearch, choose_path
-from .sgd import KronSGD, initial_preactivations
+from .sgd import DRAWS, KronSGD, choose_draw, draw_seeded, initial_preactivations
 from .tree import AsynchronousTree
 
 __all__ = [
     # model
     "KronMLP",
     "SeededInit",
+    "ConditionalInit",
     "ExplicitInit",
     # trainers
     "DenseSGD",
     "KronSGD",
     "StepResult",
     "initial_preactivations",
+    "DRAWS",
+    "choose_draw",
+    "draw_seeded",
     # activated-neuron search
     "PATHS",
     "choose_path",

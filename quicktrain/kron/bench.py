@@ -153,6 +153,8 @@ def compare_at(
     steps: dict[str, Callable[[torch.Tensor], Any]] = {"kron": fast.step}
     if dense:
         t0 = time.perf_counter()
+        # timing only: the dense step costs the same from any W(0); the full draw of the same seed is one
+        # (not the trainer's own sample where it drew Z(0) conditionally, which would cost a contraction more)
         model = KronMLP.from_init(SeededInit(m, ds.d, seed), b=b, dtype=dtype, device=device)
         _sync(device)
         dense_init = time.perf_counter() - t0

@@ -92,7 +92,8 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"kron: task={args.task} n={train.n} d={train.d:,} dims={train.dims} m={args.m} b={b:.3f} "
         f"lr={args.lr} dtype={args.dtype} device={device} init {time.perf_counter() - t0:.2f}s\n"
-        f"kron: path={fast.path} ({fast.path_reason})"
+        f"kron: path={fast.path} ({fast.path_reason})\n"
+        f"kron: W(0) draw={fast.draw} ({fast.draw_reason})"
     )
     dense = None
     if args.check_dense:

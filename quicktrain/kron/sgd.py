@@ -8,7 +8,8 @@ State after initialisation (nothing of length ``d`` is kept):
 * ``C ∈ R^{m×n}``, the accumulated update coefficients, so that
   ``W(t) = W(0) + C X`` with ``X = [x_1; …; x_n]`` (used only to materialise ``W``);
 * the output weights ``a``, the threshold ``b``, the step size ``η`` and the initial weights
-  (a seed, :class:`SeededInit`, or given ``W(0)``, :class:`ExplicitInit`).
+  (a seed — :class:`ConditionalInit` or :class:`SeededInit`, see :func:`choose_draw` — or given
+  ``W(0)``, :class:`ExplicitInit`).
 
 One step on batch ``B`` (``k`` = active neurons per point, ``R`` = touched neurons,
 ``P ≤ |B| k`` = active pairs):
@@ -19,10 +20,14 @@ One step on batch ``B`` (``k`` = active neurons per point, ``R`` = touched neuro
 4. ``Z[R, :] += C_B G[B, :]`` — ``O(|R| |B| n)``; the tree also refreshes ``O(|R| n log m)`` nodes;
 5. ``C[r, i] += c_ri`` for the ``P`` pairs.
 
-The trainer does not even keep the factor matrices: the step structurally cannot
-touch a length-``d`` vector. Only initialisation (``O(m n d)`` via
-:func:`initial_preactivations`) and materialisation (:meth:`KronSGD.weight`) take the
-factors and depend on ``d``. Device and dtype follow the input factors.
+The step state holds no factor matrix, so the step structurally cannot touch a length-``d``
+vector (a :class:`ConditionalInit` keeps a float64 copy of the factors, ``n × Σ d_k``, only to
+materialise ``W(0)``). Only initialisation and materialisation (:meth:`KronSGD.weight`)
+take the factors. Initialisation from a seed draws ``Z(0) ~ N(0, G)`` row by row
+(:class:`ConditionalInit`, ``O(n^3 + m n^2)``, no ``d``) where that is cheaper and ``G`` is
+well-conditioned, else it draws ``W(0)`` and contracts it (``O(m n d)`` via
+:func:`initial_preactivations`, also the cost of :meth:`KronSGD.from_weights`). Device and dtype
+follow the input factors.
 """
 
 from __future__ import annotations
@@ -46,20 +51,88 @@ from ._math import (
     update_coefficients,
 )
 from .dense import StepResult
-from .model import ROW_BLOCK, ExplicitInit, KronMLP, SeededInit
+from .model import MAX_GRAM_COND, ROW_BLOCK, ConditionalInit, ExplicitInit, KronMLP, SeededInit, gram_condition
 from .search import PATHS, choose_path, make_search
 
-__all__ = ["KronSGD", "initial_preactivations"]
+__all__ = ["DRAWS", "KronSGD", "choose_draw", "draw_seeded", "initial_preactivations"]
 
 DEFAULT_CHUNK_ELEMS = 1 << 23  # ≈ 32 MB of float32 per streamed block of W(0)
+DRAWS = ("conditional", "full")
+# The conditional draw must be this many times cheaper in flops than draw-and-contract to be chosen:
+# its eigenvalue and Cholesky routines run further below peak than the one big matmul.
+_DRAW_MARGIN = 4
+
+
+def choose_draw(m: int, n: int, d: int, gram_cond: float | None = None) -> tuple[str, str]:
+    """How the seeded trainer draws ``Z(0)``: ``"conditional"`` or ``"full"``, and why.
+
+    Flop counts: the conditional draw (:class:`~quicktrain.kron.model.ConditionalInit`) costs
+    about ``4 n^3 + m n^2`` (eigenvalues and Cholesky factor of ``G``, then ``H L^T``); drawing
+    ``W(0)`` and contracting it costs ``2 m n d`` (plus ``m d`` Gaussian draws, not counted).
+    ``"conditional"`` is chosen when it is :data:`_DRAW_MARGIN` times cheaper and
+    ``cond(G) ≤`` :data:`~quicktrain.kron.model.MAX_GRAM_COND` (``gram_cond`` is only needed then).
+    Deterministic in its arguments.
+
+    Args:
+        m: Width.
+        n: Number of training points.
+        d: Input dimension.
+        gram_cond: Condition number of ``G`` (``None``: not computed yet).
+
+    Returns:
+        ``(draw, reason)``.
+    """
+    cond_flops, full_flops = 4 * n**3 + m * n**2, 2 * m * n * d
+    if _DRAW_MARGIN * cond_flops > full_flops:
+        return "full", f"full: 4n³+mn² = {cond_flops:.3g} flops is not {_DRAW_MARGIN}x below 2mnd = {full_flops:.3g}"
+    if gram_cond is not None and gram_cond > MAX_GRAM_COND:
+        return "full", f"full: cond(G) = {gram_cond:.3g} > {MAX_GRAM_COND:g}, a conditional W(0) would not be exact"
+    cond = "not computed" if gram_cond is None else f"{gram_cond:.3g}"
+    return "conditional", f"conditional: 4n³+mn² = {cond_flops:.3g} flops vs 2mnd = {full_flops:.3g}, cond(G) = {cond}"
+
+
+def draw_seeded(
+    init: SeededInit, factors: Sequence[Tensor], draw: str = "auto"
+) -> tuple[SeededInit | ConditionalInit, str]:
+    """The initial weights a seeded trainer uses, and why: ``init`` itself or its :class:`ConditionalInit`.
+
+    Args:
+        init: Seed, width and ``d``.
+        factors: Training factors ``[n, d_k]``.
+        draw: ``"auto"`` (:func:`choose_draw`) or one of :data:`DRAWS`.
+
+    Returns:
+        ``(initial weights, reason)``.
+    """
+    if draw != "auto" and draw not in DRAWS:
+        raise ValueError(f"unknown draw {draw!r}; choose 'auto' or one of {DRAWS}")
+    factors = tuple(factors)
+    n = factors[0].shape[0]
+    if draw == "full":
+        return init, "draw='full' requested"
+    if draw == "conditional":
+        return ConditionalInit.draw(init, factors), "draw='conditional' requested"
+    choice, reason = choose_draw(init.m, n, init.d)
+    if choice == "full":
+        return init, reason
+    # cheap enough: now pay O(n^3) for the condition number
+    cond = gram_condition(gram_matrix([f.to(torch.float64) for f in factors]))
+    choice, reason = choose_draw(init.m, n, init.d, cond)
+    return (ConditionalInit.draw(init, factors, gram_cond=cond) if choice == "conditional" else init), reason
 
 
 def initial_preactivations(
-    init: SeededInit | ExplicitInit, factors: Sequence[Tensor], *, chunk_elems: int = DEFAULT_CHUNK_ELEMS
+    init: SeededInit | ConditionalInit | ExplicitInit,
+    factors: Sequence[Tensor],
+    *,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
 ) -> Tensor:
     """``Z(0) = W(0) X^T`` computed from the factors, streaming ``W(0)`` in row blocks.
 
     .. math::  Z_{ri}(0) = \\langle w_r(0), x_i \\rangle = u_i^\\top W_r(0)\\, v_i
+
+    A :class:`ConditionalInit` asked for its own training factors returns its drawn ``Z(0)``
+    (no ``d``-dependent work); for other points it is streamed like the rest.
 
     Each block of rows (a multiple of :data:`~quicktrain.kron.model.ROW_BLOCK`, one generator
     seed per :data:`ROW_BLOCK` rows) is contracted with all factors at once by
@@ -81,11 +154,16 @@ def initial_preactivations(
     if d != init.d:
         raise ValueError(f"init.d = {init.d} but the factors give d = Π {dims} = {d}; rebuild the init")
     ref = factors[0]
+    if isinstance(init, ConditionalInit) and init.has_factors(factors):
+        return init.z0.to(device=ref.device, dtype=ref.dtype)
     rows = max(1, chunk_elems // (d + (d // dims[-1]) * n) // ROW_BLOCK) * ROW_BLOCK
     out = torch.empty(init.m, n, dtype=ref.dtype, device=ref.device)
+    # a seeded W(0) is drawn into one reused block (warm memory; a fresh block per chunk page-faults)
+    buf = torch.empty(rows, d, dtype=ref.dtype) if isinstance(init, SeededInit) and ref.device.type == "cpu" else None
     for s in range(0, init.m, rows):
         e = min(init.m, s + rows)
-        out[s:e] = preactivations(init.rows(s, e, dtype=ref.dtype, device=ref.device), factors)
+        w = init.fill_(buf[: e - s], s) if buf is not None else init.rows(s, e, dtype=ref.dtype, device=ref.device)
+        out[s:e] = preactivations(w, factors)
     return out
 
 
@@ -117,8 +195,14 @@ class KronSGD:
         m: Width.
         b: Threshold ``b >= 0`` of the shifted ReLU.
         lr: Step size ``η``.
-        seed: Seed of ``W(0)`` and ``a`` (:class:`SeededInit`); the dense reference built from the
-            same seed starts from identical weights. :meth:`from_weights` takes explicit ones.
+        seed: Seed of ``W(0)`` and ``a``; the dense reference built from :attr:`init`
+            (``KronMLP.from_init(trainer.init, ...)``) starts from identical weights.
+            :meth:`from_weights` takes explicit ones.
+        draw: How the seeded ``W(0)`` is drawn: ``"auto"`` (default, :func:`choose_draw` from
+            ``m``, ``n``, ``d`` and ``cond(G)``), ``"conditional"`` (``Z(0) ~ N(0, G)`` directly,
+            ``W(0)`` only on materialisation; :class:`ConditionalInit`) or ``"full"`` (draw ``W(0)``
+            and contract it; :class:`SeededInit`). The two give different samples of the same
+            law; :attr:`draw` and :attr:`draw_reason` say which one was used.
         path: Activated-neuron search, ``"auto"`` (default: :func:`~quicktrain.kron.search.choose_path`
             from ``m``, ``n`` and the fraction of ``Z(0)`` above ``b``), ``"scan"``, ``"blocks"`` or
             ``"tree"`` (the paper's structure). All paths give the same trajectory; :attr:`path` and
@@ -144,11 +228,13 @@ class KronSGD:
         lr: float,
         seed: int = 0,
         path: str = "auto",
+        draw: str = "auto",
         chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     ) -> None:
         factors = check_factors(factors, y)
         check_positive("m", m, integer=True)
-        self._setup(factors, y, SeededInit(m, math.prod(f.shape[1] for f in factors), seed), b, lr, path, chunk_elems)
+        init = SeededInit(m, math.prod(f.shape[1] for f in factors), seed)
+        self._setup(factors, y, init, b, lr, path, chunk_elems, draw)
 
     @classmethod
     def from_weights(
@@ -194,7 +280,7 @@ class KronSGD:
                 "pass W0 of shape [m, d]"
             )
         self = cls.__new__(cls)
-        self._setup(factors, y, init, b, lr, path, chunk_elems)
+        self._setup(factors, y, init, b, lr, path, chunk_elems, "given")
         return self
 
     def _setup(
@@ -206,19 +292,25 @@ class KronSGD:
         lr: float,
         path: str,
         chunk_elems: int,
+        draw: str,
     ) -> None:
         self.b = check_threshold(b)
         check_positive("lr", lr)
         check_positive("chunk_elems", chunk_elems, integer=True)
         if path != "auto" and path not in PATHS:
             raise ValueError(f"unknown path {path!r}; choose 'auto' or one of {PATHS}")
-        self.lr, self.m, self.init = float(lr), init.m, init
+        self.lr, self.m = float(lr), init.m
         self.dims = tuple(f.shape[1] for f in factors)
         ref = factors[0]
         self.n = ref.shape[0]
         t0 = time.perf_counter()
         self.a = init.signs(dtype=ref.dtype, device=ref.device)
         self.gram = gram_matrix(factors)
+        if isinstance(init, SeededInit):
+            init, self.draw_reason = draw_seeded(init, factors, draw)
+        else:
+            self.draw_reason = "W0 given (from_weights)"
+        self.init = init
         z0 = initial_preactivations(init, factors, chunk_elems=chunk_elems)
         self.active_fraction = float((z0 > self.b).sum()) / z0.numel()
         auto, reason = choose_path(self.m, self.n, self.active_fraction)
@@ -239,6 +331,13 @@ class KronSGD:
             raise ValueError(f"unknown path {path!r}; choose one of {PATHS}")
         self.search = make_search(path, self.Z, self.b)
         self.path, self.path_reason = path, f"path={path!r} set by use_path"
+
+    @property
+    def draw(self) -> str:
+        """How ``W(0)`` was drawn: ``"conditional"``, ``"full"`` or ``"given"`` (:meth:`from_weights`)."""
+        if isinstance(self.init, ConditionalInit):
+            return "conditional"
+        return "full" if isinstance(self.init, SeededInit) else "given"
 
     def __repr__(self) -> str:
         return (
@@ -405,6 +504,7 @@ class KronSGD:
         self.b, self.lr, self.steps = float(state["b"]), float(state["lr"]), int(state["steps"])
         self.init, self.path = state["init"], state["path"]
         self.path_reason = f"path={self.path!r} restored from a state_dict"
+        self.draw_reason = f"draw={self.draw!r} restored from a state_dict"
         self.gram = state["gram"].to(self.device, self.dtype)
         self.coef = state["coef"].to(self.device, self.dtype, copy=True)
         self.a = state["a"].to(self.device, self.dtype)

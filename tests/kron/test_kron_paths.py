@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
+from quicktrain.kron import model as model_mod
 from quicktrain.kron import search as search_mod
 from quicktrain.kron.dense import DenseSGD
-from quicktrain.kron.model import ExplicitInit, KronMLP, SeededInit
+from quicktrain.kron.model import ConditionalInit, ExplicitInit, KronMLP, SeededInit
 from quicktrain.kron.search import PATHS, BlockSearch, choose_path
 from quicktrain.kron.sgd import KronSGD, initial_preactivations
 
@@ -163,8 +164,12 @@ def test_initial_preactivations_any_chunk_equal_explicit_contraction(chunk_elems
     x = torch.stack([_kron(*[f[i] for f in factors]) for i in range(11)])
     z = initial_preactivations(init, factors, chunk_elems=chunk_elems)
     torch.testing.assert_close(z, init.weight() @ x.T, rtol=1e-13, atol=1e-13)
-    # the seeded rows are the same whichever range they are drawn in
+    # the seeded rows are the same whichever range they are drawn in, also drawn in place
     torch.testing.assert_close(init.rows(37, 130), init.weight()[37:130], rtol=0, atol=0)
+    buf = torch.empty(150 - 144, 24, dtype=F64)
+    torch.testing.assert_close(init.fill_(buf, 144), init.weight()[144:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="whole blocks of 16 rows"):
+        init.fill_(torch.empty(16, 24, dtype=F64), 8)
 
 
 def test_use_path_switches_without_changing_the_trajectory():
@@ -179,3 +184,76 @@ def test_use_path_switches_without_changing_the_trajectory():
     resumed = KronSGD.from_weights(factors, y, w0, a, b=0.7, lr=1.0)
     resumed.load_state_dict(switched.state_dict())
     assert resumed.path == switched.path and torch.equal(resumed.Z, straight.Z)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"dims{c[0]}-b{c[4]}")
+def test_conditional_draw_equals_dense_and_torch_kron_sgd(case):
+    """Seeded trainer with Z(0) ~ N(0, G): exact against both references from its materialised W(0)."""
+    dims, n, m, batch, b, lr = case
+    factors, y, _, _, g = _random_problem(n // 2, dims, m, seed=len(dims) * 10 + m)  # n/2 < d: G well-conditioned
+    fast = KronSGD(factors, y, m=m, b=b, lr=lr, seed=7, draw="conditional")
+    w0 = fast.init.weight()
+    x = torch.stack([_kron(*[f[i] for f in factors]) for i in range(n // 2)])
+    _close(w0 @ x.T, fast.Z)  # the materialised W(0) reproduces the drawn Z(0)
+    dense = DenseSGD(KronMLP.from_init(fast.init, b=b), factors, y, lr=lr)
+    w_ref, a = w0.clone(), fast.a
+    for _ in range(8):
+        idx = torch.randint(0, n // 2, (batch,), generator=g)  # with replacement: duplicates
+        w_ref, pred_ref = _kron_sgd_step(w_ref, a, factors, y, idx, b, lr)
+        out, out_d = fast.step(idx), dense.step(idx)
+        _close(out.pred, pred_ref)
+        _close(out.pred, out_d.pred)
+        _close(out.loss, out_d.loss)
+    _close(fast.weight(factors), w_ref)
+    _close(fast.weight(factors), dense.model.weight.detach())
+
+
+def test_conditional_rows_are_standard_gaussian():
+    """Rows of the conditional W(0) have covariance I_d, also along the data (a missing −Ξ Xᵀ would give I + P)."""
+    factors, y, _, _, _ = _random_problem(5, (3, 4), 1, seed=11)
+    m = 6000
+    init = ConditionalInit.draw(SeededInit(m, 12, seed=2), factors)
+    w = init.weight()
+    cov = w.T @ w / m
+    # entries of a sample covariance of m standard rows have sd ≤ sqrt(2/m) ≈ 0.018; 6 sd
+    assert (cov - torch.eye(12, dtype=F64)).abs().max() < 6 * math.sqrt(2 / m)
+    assert w.mean(dim=0).abs().max() < 6 / math.sqrt(m)
+    # and it is a different sample from the full draw of the same seed (same law)
+    assert not torch.allclose(w, SeededInit(m, 12, seed=2).weight())
+
+
+def test_seeded_draws_are_deterministic_and_range_independent(monkeypatch):
+    factors, y, _, _, _ = _random_problem(10, (4, 6), 1, seed=12)
+    runs = [KronSGD(factors, y, m=70, b=0.3, lr=0.5, seed=s, draw="conditional") for s in (4, 4, 5)]
+    assert torch.equal(runs[0].Z, runs[1].Z) and not torch.equal(runs[0].Z, runs[2].Z)
+    init = runs[0].init
+    monkeypatch.setattr(model_mod, "_GROUP_ELEMS", 24 * 32)  # groups of 32 rows: the range spans two
+    assert init.group_rows == 32
+    torch.testing.assert_close(init.rows(19, 53), init.weight()[19:53], rtol=0, atol=0)
+    x = torch.stack([_kron(*[f[i] for f in factors]) for i in range(10)])
+    _close(init.weight() @ x.T, runs[0].Z)
+    for draw in ("full", "conditional"):
+        a, b = (KronSGD(factors, y, m=70, b=0.3, lr=0.5, seed=4, draw=draw) for _ in range(2))
+        for k in range(4):
+            idx = torch.tensor([k, k + 3, k])
+            assert torch.equal(a.step(idx).pred, b.step(idx).pred)
+        assert torch.equal(a.weight(factors), b.weight(factors))
+
+
+def test_draw_choice_and_its_errors():
+    factors, y, _, _, _ = _random_problem(10, (4, 6), 1, seed=13)
+    # few points, large d: conditional; more points than d: full (G singular, and not cheaper)
+    assert KronSGD(factors, y, m=500, b=0.3, lr=0.5).draw == "conditional"
+    many, y_many, _, _, _ = _random_problem(40, (4, 6), 1, seed=13)
+    full = KronSGD(many, y_many, m=500, b=0.3, lr=0.5)
+    assert full.draw == "full" and "not 4x below" in full.draw_reason
+    with pytest.raises(ValueError, match=r"condition number \S+ > 1000 .* use draw=.full."):
+        KronSGD(many, y_many, m=500, b=0.3, lr=0.5, draw="conditional")
+    with pytest.raises(ValueError, match="unknown draw 'exact'"):
+        KronSGD(factors, y, m=5, b=0.3, lr=0.5, draw="exact")
+    # cheap but ill-conditioned (two nearly equal points): auto falls back to the full draw
+    close = tuple(torch.cat([f, f[:1] + 1e-6]) for f in factors)
+    fallback = KronSGD(close, torch.cat([y, y[:1]]), m=500, b=0.3, lr=0.5)
+    assert fallback.draw == "full" and "cond(G)" in fallback.draw_reason
+    assert KronSGD.from_weights(factors, y, torch.zeros(3, 24, dtype=F64), torch.ones(3, dtype=F64),
+                                b=0.3, lr=0.5).draw == "given"

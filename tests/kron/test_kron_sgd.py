@@ -22,9 +22,10 @@ CASES = [
 TOL = {torch.float64: {"rtol": 1e-10, "atol": 1e-10}, torch.float32: {"rtol": 1e-4, "atol": 1e-4}}
 
 
-def _pair(case, dtype, device="cpu"):
+def _pair(case, dtype, device="cpu", draw="auto"):
     ds = make_teacher(case["n"], case["dims"], seed=case["seed"], dtype=dtype).to(device=device)
-    fast = KronSGD(ds.factors, ds.y, m=case["m"], b=case["b"], lr=case["lr"], seed=case["seed"] + 10)
+    fast = KronSGD(ds.factors, ds.y, m=case["m"], b=case["b"], lr=case["lr"], seed=case["seed"] + 10, draw=draw)
+    assert draw == "auto" or fast.draw == draw
     model = KronMLP.from_init(fast.init, b=case["b"], dtype=dtype, device=device)
     dense = DenseSGD(model, ds.factors, ds.y, lr=case["lr"])
     return ds, fast, dense
@@ -37,8 +38,8 @@ def _assert_rel(got, ref, rtol, atol):
     assert err <= atol + rtol * scale, f"error {err:.3e} > {atol + rtol * scale:.3e}"
 
 
-def _run_and_compare(case, dtype, device="cpu"):
-    ds, fast, dense = _pair(case, dtype, device)
+def _run_and_compare(case, dtype, device="cpu", draw="auto"):
+    ds, fast, dense = _pair(case, dtype, device, draw)
     tol = TOL[dtype]
     x = ds.x()
     _assert_rel(fast.Z, dense.model.weight.detach() @ x.T, **tol)
@@ -59,12 +60,14 @@ def _run_and_compare(case, dtype, device="cpu"):
     return ds, fast, dense
 
 
+@pytest.mark.parametrize("draw", ["full", "conditional"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize(
     "case", CASES, ids=lambda c: f"m{c['m']}-d{math.prod(c['dims'])}-B{c['batch']}-b{c['b']}"
 )
-def test_fast_equals_dense_every_step(case, dtype):
-    _run_and_compare(case, dtype)
+def test_fast_equals_dense_every_step(case, dtype, draw):
+    """Both seeded draws: the dense reference starts from the materialised W(0) of the trainer's init."""
+    _run_and_compare(case, dtype, draw=draw)
 
 
 def test_training_moves_and_reduces_loss():
@@ -86,9 +89,10 @@ def test_duplicate_indices_in_batch():
     _assert_rel(fast.weight(ds.factors), dense.model.weight.detach(), **TOL[torch.float64])
 
 
-def test_module_predict_new_and_predict():
+@pytest.mark.parametrize("draw", ["full", "conditional"])
+def test_module_predict_new_and_predict(draw):
     case = {"m": 150, "dims": (6, 7), "n": 30, "batch": 6, "b": 0.7, "lr": 0.8, "steps": 10, "seed": 9}
-    ds, fast, dense = _run_and_compare(case, torch.float64)
+    ds, fast, dense = _run_and_compare(case, torch.float64, draw=draw)
     new = make_teacher(11, case["dims"], seed=99)
     model = fast.model(ds.factors)
     assert isinstance(model, torch.nn.Module)
@@ -100,18 +104,20 @@ def test_module_predict_new_and_predict():
     _assert_rel(fast.predict(idx), dense.predict(idx), **TOL[torch.float64])
 
 
-def test_resume_equals_straight_run():
+@pytest.mark.parametrize("draw", ["full", "conditional"])
+def test_resume_equals_straight_run(draw):
     case = {"m": 120, "dims": (6, 6), "n": 24, "batch": 6, "b": 0.6, "lr": 0.8, "steps": 1, "seed": 11}
     ds = make_teacher(case["n"], case["dims"], seed=1)
     sched = batch_schedule(case["n"], case["batch"], 10, seed=0)
-    straight = KronSGD(ds.factors, ds.y, m=120, b=0.6, lr=0.8, seed=5)
+    straight = KronSGD(ds.factors, ds.y, m=120, b=0.6, lr=0.8, seed=5, draw=draw)
     for idx in sched:
         straight.step(idx)
-    first = KronSGD(ds.factors, ds.y, m=120, b=0.6, lr=0.8, seed=5)
+    first = KronSGD(ds.factors, ds.y, m=120, b=0.6, lr=0.8, seed=5, draw=draw)
     for idx in sched[:5]:
         first.step(idx)
     resumed = KronSGD(ds.factors, ds.y, m=120, b=0.6, lr=0.8, seed=123)
     resumed.load_state_dict(first.state_dict())
+    assert resumed.draw == draw
     for idx in sched[5:]:
         resumed.step(idx)
     torch.testing.assert_close(resumed.Z, straight.Z, rtol=0, atol=0)
@@ -137,20 +143,23 @@ def _z_test(count, trials, p):
     return abs(count - trials * p) / math.sqrt(trials * p * (1 - p))
 
 
+@pytest.mark.parametrize("draw", ["full", "conditional"])
 @pytest.mark.parametrize("b", [0.0, 0.5, 1.0, 2.0])
-def test_active_counts_at_init_match_gaussian_tail(b):
+def test_active_counts_at_init_match_gaussian_tail(b, draw):
     """|S_i| ~ Binomial(m, P(N(0,1) > b)) exactly for unit-norm x_i (since ⟨w_r, x_i⟩ ~ N(0,1))."""
     m, n = 4000, 40
     p = 0.5 * math.erfc(b / math.sqrt(2))
     ds = make_teacher(n, (10, 10), seed=3)
-    fast = KronSGD(ds.factors, ds.y, m=m, b=b, lr=0.1, seed=4)
+    fast = KronSGD(ds.factors, ds.y, m=m, b=b, lr=0.1, seed=4, draw=draw)
     counts = (fast.Z > b).sum(dim=0)
     # each point: exact binomial marginal; Bonferroni over n points at family-wise alpha ~ 1e-6 -> |z| < 6.1
     assert max(_z_test(c, m, p) for c in counts.tolist()) < 6.1
     # orthonormal inputs (x_i = e_a ⊗ e_c) make the points independent: pooled count ~ Binomial(n m, p)
     eye = torch.eye(8, dtype=torch.float64)
     a_idx, c_idx = torch.arange(64) // 8, torch.arange(64) % 8
-    ortho = KronSGD((eye[a_idx], eye[c_idx]), torch.zeros(64, dtype=torch.float64), m=m, b=b, lr=0.1, seed=5)
+    ortho = KronSGD(
+        (eye[a_idx], eye[c_idx]), torch.zeros(64, dtype=torch.float64), m=m, b=b, lr=0.1, seed=5, draw=draw
+    )
     pooled = int((ortho.Z > b).sum())
     assert _z_test(pooled, 64 * m, p) < 5.0
     # the search reports the same sets as the count
