@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn import functional as F  # noqa: N812
 
-from quicktrain.precond._math import kron_per_example
+from quicktrain.precond._math import kfac_input_factor, kfac_output_factor, kron_per_example
 
 __all__ = [
     "ATTENTION_TYPES",
@@ -297,13 +297,26 @@ class LayerCapture:
 
 
 # --------------------------------------------------------------------------------------- layer views
-def _conv_pad(module: nn.Conv2d, x: Tensor) -> Tensor:
-    """The conv input with its zero padding applied (``[N, C, H, W]``)."""
+def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
+    """The conv's zero padding per side, ``(p_h, p_w)`` (``'valid'`` and symmetric ``'same'`` resolved)."""
     padding = module.padding
     if isinstance(padding, str):
-        padding = (0, 0) if padding == "valid" else tuple(d * (k - 1) // 2 for d, k in
-                                                          zip(module.dilation, module.kernel_size, strict=True))
+        return (0, 0) if padding == "valid" else tuple(d * (k - 1) // 2 for d, k in
+                                                       zip(module.dilation, module.kernel_size, strict=True))
+    return padding
+
+
+def _conv_pad(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """The conv input with its zero padding applied (``[N, C, H, W]``)."""
+    padding = _conv_padding(module)
     return F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
+
+
+def _conv_length(module: nn.Conv2d, x: Tensor) -> int:
+    """Number of output positions ``H_out·W_out`` of the conv on input ``x``."""
+    padded = [s + 2 * p for s, p in zip(x.shape[-2:], _conv_padding(module), strict=True)]
+    return math.prod((s - (k - 1) * d - 1) // st + 1 for s, k, d, st in
+                     zip(padded, module.kernel_size, module.dilation, module.stride, strict=True))
 
 
 def _conv_patch_mean(module: nn.Conv2d, x: Tensor, ones: bool) -> tuple[Tensor, int]:
@@ -348,6 +361,25 @@ def _conv_patches(module: nn.Conv2d, x: Tensor, ones: bool) -> Tensor:
     if ones:
         out[..., d] = 1.0
     return out
+
+
+def _conv_columns(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """im2col of a one-group conv input as ``[C·kh·kw, N·L]``: row ``(c, i, j)`` (the weight's order) holds the
+    input that kernel offset ``(i, j)`` of channel ``c`` sees at every position of every example.
+
+    One copy from strided ``Tensor.unfold`` views into the ``[C, kh, kw, N, H_out, W_out]`` layout, whose
+    innermost runs are output rows (the ``[N, L, C·kh·kw]`` layout of :func:`_conv_patches` gathers runs of
+    ``kw`` entries and took 3–5× longer), so that the Gram matrix of the patches is one matrix product with
+    no transposing copy."""
+    x = _conv_pad(module, x)
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    x = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)  # n, c, h_out, w_out, ekh, ekw
+    if dh > 1 or dw > 1:
+        x = x[..., ::dh, ::dw]
+    n, c, ho, wo = x.shape[:4]
+    cols = x.new_empty(c, kh, kw, n, ho, wo)
+    cols.copy_(x.permute(1, 4, 5, 0, 2, 3))
+    return cols.view(c * kh * kw, n * ho * wo)
 
 
 def _kron_input(module: nn.Module, x: Tensor, with_bias: bool = True) -> Tensor:
@@ -435,6 +467,69 @@ class LayerBatch:
         step = max(1, max_elements // per_example)
         for i in range(0, n, step):
             yield _cat([_kron_input(m, x[i:i + step], with_bias) for x in self.inputs], 1)
+
+    def kron_length(self) -> int:
+        """Weight-sharing positions ``L`` of a Linear/Conv2d per example, over all calls."""
+        m = self.module
+        if isinstance(m, nn.Conv2d):
+            return sum(_conv_length(m, x) for x in self.inputs)
+        return sum(x.numel() // (x.shape[0] * x.shape[-1]) for x in self.inputs)
+
+    def kron_input_factor(self, with_bias: bool = True, max_elements: int = 1 << 22) -> Tensor:
+        """K-FAC's ``A = (1/N) Σ_{n,l} a_{nl} a_{nl}ᵀ`` (expand setting) over all calls, ``[groups, d_in, d_in]``.
+
+        A one-group convolution accumulates ``A += (1/N) P Pᵀ`` with ``addmm_`` over chunks of at most
+        ``max_elements`` patch entries, ``P`` the :func:`_conv_columns` of a chunk of examples; the bias block
+        is ``(1/N) Σ_{n,l} a_{nl}`` (the row sums of ``P``) and ``L``. Other layers take the Gram matrix of
+        :meth:`kron_input_chunks`.
+        """
+        m, n = self.module, self.n
+        if not (isinstance(m, nn.Conv2d) and m.groups == 1 and self.inputs[0].dim() == 4):
+            fa = None
+            for chunk in self.kron_input_chunks(with_bias, max_elements):
+                fa = kfac_input_factor(chunk, n) if fa is None else fa.add_(kfac_input_factor(chunk, n))
+            return fa
+        ones = m.bias is not None and with_bias
+        x0 = self.inputs[0]
+        d = m.in_channels * math.prod(m.kernel_size)
+        out = x0.new_zeros(d + ones, d + ones)
+        gram, sums = out[:d, :d], (out[:d, d] if ones else None)
+        for x in self.inputs:
+            length = _conv_length(m, x)
+            step = max(1, max_elements // (d * length))
+            for i in range(0, x.shape[0], step):
+                cols = _conv_columns(m, x[i:i + step])
+                gram.addmm_(cols, cols.T, alpha=1.0 / n)
+                if sums is not None:
+                    sums.add_(cols.sum(1), alpha=1.0 / n)
+        if sums is not None:
+            out[d, :d] = sums
+            out[d, d] = self.kron_length()
+        return out.unsqueeze(0)
+
+    def kron_output_factor(self) -> Tensor:
+        """K-FAC's ``G = (s²/L) Σ_{k,n,l} g_{knl} g_{knl}ᵀ`` (expand setting, ``s`` the :attr:`scale`, ``L`` the
+        positions of all calls), ``[groups, d_out, d_out]``. A one-group convolution's gradients ``[K·N, C, L]``
+        enter as recorded, one batched product over examples (the ``[K·N·L, C]`` layout would be a copy)."""
+        m = self.module
+        if not (isinstance(m, nn.Conv2d) and m.groups == 1 and self.inputs[0].dim() == 4):
+            g = self.kron_grads()
+            return kfac_output_factor(g, g.shape[1], self.scale)
+        out = None
+        for gs in self.grads:
+            for g in gs:
+                v = g.reshape(g.shape[0], g.shape[1], -1)
+                fg = torch.bmm(v, v.transpose(1, 2)).sum(0)
+                out = fg if out is None else out.add_(fg)
+        return out.mul_(self.scale**2 / self.kron_length()).unsqueeze(0)
+
+    def head(self, m: int) -> LayerBatch:
+        """The records of the first ``m`` examples as a batch of its own: ``n = m`` and the scale times
+        ``√(N/m)``, so that its statistics are the sub-batch's own (each estimator's ``1/N`` becomes ``1/m``)."""
+        if m >= self.n:
+            return self
+        return LayerBatch(self.module, [x[:m] for x in self.inputs], [[g[:m] for g in gs] for gs in self.grads],
+                          m, [None if o is None else o[:m] for o in self.outputs], self.scale * math.sqrt(self.n / m))
 
     def kron_input_means(self, with_bias: bool = True) -> Tensor:
         """:meth:`kron_inputs` averaged over the positions of all calls, ``[N, 1, groups, d_in]`` (conv patches
