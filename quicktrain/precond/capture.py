@@ -382,6 +382,79 @@ def _conv_columns(module: nn.Conv2d, x: Tensor) -> Tensor:
     return cols.view(c * kh * kw, n * ho * wo)
 
 
+def _conv_row_columns(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """The width half of im2col for a conv of row stride 1, ``Y = [C, kw, N, H + (kh-1)·dh, W_out]``:
+    ``Y[c, j, n, u, w]`` is input row ``u`` of channel ``c`` as kernel column ``j`` sees it at output column
+    ``w`` (zero beyond the ``H`` input rows: the gap keeps a shift by whole rows inside one example).
+
+    Kernel row ``i`` at output row ``h`` reads row ``u = h + i·dh - p_h`` of ``Y``, so the patches are ``Y``'s
+    rows shifted by ``i`` and :func:`_conv_row_factor` needs ``kw`` copies of the input, not ``kh·kw``."""
+    (kh, kw), (dh, dw), sw = module.kernel_size, module.dilation, module.stride[1]
+    pw = _conv_padding(module)[1]
+    x = F.pad(x, (pw, pw, 0, (kh - 1) * dh))
+    x = x.unfold(3, (kw - 1) * dw + 1, sw)[..., ::dw]  # n, c, rows, w_out, kw
+    cols = x.new_empty(x.shape[1], kw, x.shape[0], x.shape[2], x.shape[3])
+    cols.copy_(x.permute(1, 4, 0, 2, 3))
+    return cols
+
+
+def _conv_row_factor(module: nn.Conv2d, xs: Sequence[Tensor], n: int, ones: bool, max_elements: int) -> Tensor:
+    r"""K-FAC's ``A = (1/N) Σ_{n,l} a_{nl} a_{nl}ᵀ`` of a one-group conv of row stride 1 without its patches.
+
+    With ``Y`` of :func:`_conv_row_columns` and ``a_i = i·d_h - p_h``, the block of kernel rows ``(i, i')``
+    (every channel and kernel column at once) is
+
+    .. math:: B_{ii'} = \frac1N \sum_n \sum_{h < H_{out}} Y_{h+a_i} Y_{h+a_{i'}}^\top
+        = \frac1N \sum_n \Big(\sum_{u} - \sum_{u \notin [a_i, a_i + H_{out})}\Big) Y_u Y_{u+\delta}^\top,
+        \quad \delta = (i'-i)\,d_h
+
+    (``u`` over the rows with ``0 ≤ u, u+δ < H``): the full sum of rows ``δ`` apart is one product of ``Y``
+    flattened to ``[C·kw, T]`` with itself shifted by ``δ·W_out`` entries (the zero gap rows drop the pairs
+    across examples), shared by every ``i`` with the same ``δ``; the rows outside a window are ``p_h`` or
+    fewer, a small product each. ``kh`` large products of ``(C·kw)² T`` instead of one of ``(C·kh·kw)² N·L``:
+    ``kw/kh`` of the copies and ``1/kh`` of the multiply-adds of the explicit patches. ``B_{i'i} = B_{ii'}ᵀ``.
+    """
+    (kh, kw), dh = module.kernel_size, module.dilation[0]
+    ph = _conv_padding(module)[0]
+    c = module.in_channels
+    d = c * kh * kw
+    blocks = xs[0].new_zeros(kh, kh, c * kw, c * kw)
+    sums = xs[0].new_zeros(c, kw, kh) if ones else None
+    for x in xs:
+        h = x.shape[2]
+        ho = h + 2 * ph - (kh - 1) * dh
+        step = max(1, max_elements // (c * kw * x.shape[3] * (h + (kh - 1) * dh)))
+        for i0 in range(0, x.shape[0], step):
+            y = _conv_row_columns(module, x[i0:i0 + step])  # [C, kw, n, rows, W_out]
+            wo = y.shape[4]
+            flat = y.view(c * kw, -1)
+            for di in range(kh):
+                shift = di * dh
+                full = flat[:, :flat.shape[1] - shift * wo] @ flat[:, shift * wo:].T
+                for i in range(kh - di):
+                    lo, hi = i * dh - ph, i * dh - ph + ho  # the rows kernel row i reads
+                    block = blocks[i, i + di]
+                    block.add_(full, alpha=1.0 / n)
+                    for u0, u1 in ((0, min(lo, h - shift)), (max(hi, 0), h - shift)):
+                        if u1 > u0:  # rows outside the window: taken back out
+                            a = y[:, :, :, u0:u1].reshape(c * kw, -1)
+                            b = y[:, :, :, u0 + shift:u1 + shift].reshape(c * kw, -1)
+                            block.addmm_(a, b.T, alpha=-1.0 / n)
+            if sums is not None:
+                per_row = y.sum((2, 4))  # [C, kw, rows]
+                for i in range(kh):
+                    lo, hi = max(i * dh - ph, 0), min(i * dh - ph + ho, h)
+                    sums[:, :, i].add_(per_row[:, :, lo:hi].sum(-1), alpha=1.0 / n)
+    for i in range(kh):
+        for i2 in range(i):
+            blocks[i, i2] = blocks[i2, i].T
+    out = x.new_empty(d + ones, d + ones)
+    out[:d, :d] = blocks.view(kh, kh, c, kw, c, kw).permute(2, 0, 3, 4, 1, 5).reshape(d, d)
+    if sums is not None:
+        out[:d, d] = out[d, :d] = sums.transpose(1, 2).reshape(d)
+    return out
+
+
 def _kron_input(module: nn.Module, x: Tensor, with_bias: bool = True) -> Tensor:
     """Layer input as ``[N, L, groups, d_in]`` (with a trailing 1 per group when the layer has a bias)."""
     ones = module.bias is not None and with_bias
@@ -490,6 +563,11 @@ class LayerBatch:
                 fa = kfac_input_factor(chunk, n) if fa is None else fa.add_(kfac_input_factor(chunk, n))
             return fa
         ones = m.bias is not None and with_bias
+        if m.stride[0] == 1:
+            out = _conv_row_factor(m, self.inputs, n, ones, max_elements)
+            if ones:
+                out[-1, -1] = self.kron_length()
+            return out.unsqueeze(0)
         x0 = self.inputs[0]
         d = m.in_channels * math.prod(m.kernel_size)
         out = x0.new_zeros(d + ones, d + ones)
