@@ -588,9 +588,11 @@ class LayerBatch:
     def kron_output_factor(self) -> Tensor:
         """K-FAC's ``G = (s²/L) Σ_{k,n,l} g_{knl} g_{knl}ᵀ`` (expand setting, ``s`` the :attr:`scale`, ``L`` the
         positions of all calls), ``[groups, d_out, d_out]``. A one-group convolution's gradients ``[K·N, C, L]``
-        enter as recorded, one batched product over examples (the ``[K·N·L, C]`` layout would be a copy)."""
+        enter as recorded, one batched product over examples, when ``C ≤ L`` (its ``[K·N, C, C]`` products are
+        then no larger than the ``[K·N·L, C]`` copy of the other layout)."""
         m = self.module
-        if not (isinstance(m, nn.Conv2d) and m.groups == 1 and self.inputs[0].dim() == 4):
+        if not (isinstance(m, nn.Conv2d) and m.groups == 1 and self.inputs[0].dim() == 4
+                and m.out_channels <= min(_conv_length(m, x) for x in self.inputs)):
             g = self.kron_grads()
             return kfac_output_factor(g, g.shape[1], self.scale)
         out = None
