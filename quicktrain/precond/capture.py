@@ -548,7 +548,7 @@ class LayerBatch:
             return sum(_conv_length(m, x) for x in self.inputs)
         return sum(x.numel() // (x.shape[0] * x.shape[-1]) for x in self.inputs)
 
-    def kron_input_factor(self, with_bias: bool = True, max_elements: int = 1 << 22) -> Tensor:
+    def kron_input_factor(self, with_bias: bool = True, max_elements: int = 1 << 20) -> Tensor:
         """K-FAC's ``A = (1/N) Σ_{n,l} a_{nl} a_{nl}ᵀ`` (expand setting) over all calls, ``[groups, d_in, d_in]``.
 
         A one-group convolution accumulates ``A += (1/N) P Pᵀ`` with ``addmm_`` over chunks of at most
