@@ -10,7 +10,8 @@
    preconditioned gradients at the first step and the per-step time of both (ASDL's failures are table rows).
 4. K-FAC against ASDL at batch 128 on ``resnet20`` and ``cnn`` (fashion-mnist shape, its ``Linear(3136, 128)``
    included), empirical and Monte-Carlo Fisher: step time at intervals 1 and 10, in turns, and the peak
-   resident memory of a first update step, each maker in a fresh process.
+   resident memory of a first update step, each maker in a fresh process. In the same turns, quicktrain's
+   K-FAC with factors from a sub-batch (``statistics_fraction``, ``--statistics-fraction``), reported apart.
 3. Time to accuracy on ``digits`` and ``fashion-mnist`` (``cnn``): SGD, AdamW, K-FAC, Shampoo and PSGD, each
    with a two-point learning-rate grid, through the training loop (``quicktrain report`` plots in the results).
 
@@ -163,15 +164,22 @@ def _cpu_peak_main(mname: str, method: str, batch: int) -> float:
 KFAC_VS_ASDL_MODELS = {"resnet20": (3, 32, 32), "cnn": (1, 28, 28)}
 
 
+def _kfac_ours(fisher: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, fraction: float = 1.0):
+    """quicktrain's K-FAC step function in ASDL's configuration, on a copy of ``model`` (``fraction < 1``: the
+    factors from a sub-batch, ``statistics_fraction``, which ASDL does not have)."""
+    m1 = copy.deepcopy(model)
+    ours = precond.make("kfac", m1, nn.CrossEntropyLoss(), damping=1e-3, fisher_type=fisher, ema_decay=0.0,
+                        bias="separate", curvature_interval=k, inverse_interval=k, statistics_fraction=fraction)
+    return _maker_step(ours, m1, x, y)
+
+
 def _kfac_pair(asdl, fisher: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int):
     """(quicktrain, ASDL) K-FAC step functions of one configuration, on copies of ``model``."""
-    m1, m2 = copy.deepcopy(model), copy.deepcopy(model)
-    ours = precond.make("kfac", m1, nn.CrossEntropyLoss(), damping=1e-3, fisher_type=fisher, ema_decay=0.0,
-                        bias="separate", curvature_interval=k, inverse_interval=k)
+    m2 = copy.deepcopy(model)
     types = {"emp": asdl.FISHER_EMP, "mc": asdl.FISHER_MC}
     cfg = {"damping": 1e-3, "data_size": x.shape[0], "preconditioner_upd_interval": k, "curvature_upd_interval": k}
-    return _maker_step(ours, m1, x, y), _asdl_step(asdl, asdl.KfacGradientMaker, m2, x, y, cfg,
-                                                   {"fisher_type": types[fisher]})[1]
+    return _kfac_ours(fisher, model, x, y, k), _asdl_step(asdl, asdl.KfacGradientMaker, m2, x, y, cfg,
+                                                          {"fisher_type": types[fisher]})[1]
 
 
 def _kfac_peak_main(who: str, mname: str, fisher: str, batch: int) -> float:
@@ -202,16 +210,19 @@ def _fresh(fn: str, *args: object) -> float:
     return float(done.stdout.split("@@")[-1])
 
 
-def part4(batch: int, steps: int, intervals: list[int]) -> list[dict]:
-    """K-FAC against ASDL: ms/step at each interval (in turns) and peak resident MB (fresh processes), CPU."""
+def part4(batch: int, steps: int, intervals: list[int], fraction: float) -> list[dict]:
+    """K-FAC against ASDL: ms/step at each interval (in turns) and peak resident MB (fresh processes), CPU.
+    A third contender in the same turns, quicktrain with ``statistics_fraction=fraction``, is reported in
+    columns of its own (``sub_*``): a different estimator, not ASDL's configuration."""
     asdl = _asdl()
     rows = []
     for mname, shape in KFAC_VS_ASDL_MODELS.items():
         model = get_model(mname, num_classes=10, in_shape=shape)
         x, y = _data(shape, batch, torch.device("cpu"), seed=1)
         for fisher in ("emp", "mc"):
-            (t_ours, _), (t_asdl, _) = schedule_ms(
-                lambda k, fisher=fisher, model=model, x=x, y=y: list(_kfac_pair(asdl, fisher, model, x, y, k)),
+            (t_ours, _), (t_asdl, _), (t_sub, _) = schedule_ms(
+                lambda k, fisher=fisher, model=model, x=x, y=y: [*_kfac_pair(asdl, fisher, model, x, y, k),
+                                                                 _kfac_ours(fisher, model, x, y, k, fraction)],
                 torch.device("cpu"), intervals, steps)
             peak = {who: _fresh("_kfac_peak_main", who, mname, fisher, batch) for who in ("quicktrain", "asdl")}
             for k in intervals:
@@ -219,7 +230,9 @@ def part4(batch: int, steps: int, intervals: list[int]) -> list[dict]:
                              "quicktrain_ms": round(t_ours[k], 1), "asdl_ms": round(t_asdl[k], 1),
                              "x_asdl_time": round(t_ours[k] / t_asdl[k], 3),
                              "quicktrain_peak_mb": round(peak["quicktrain"], 1), "asdl_peak_mb": round(peak["asdl"], 1),
-                             "x_asdl_mem": round(peak["quicktrain"] / peak["asdl"], 3)})
+                             "x_asdl_mem": round(peak["quicktrain"] / peak["asdl"], 3),
+                             "sub_fraction": fraction, "sub_ms": round(t_sub[k], 1),
+                             "sub_x_asdl_time": round(t_sub[k] / t_asdl[k], 3)})
                 print(f"  {rows[-1]}", flush=True)
     return rows
 
@@ -637,6 +650,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="batch 32, 10 steps, MLP only")
     ap.add_argument("--datasets", nargs="+", default=list(TTA_TASKS), help="part 3 datasets")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 was fastest on a shared 2-core box)")
+    ap.add_argument("--statistics-fraction", type=float, default=0.25,
+                    help="part 4: the sub-batch fraction of the extra K-FAC contender (statistics_fraction)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "results")
     args = ap.parse_args(argv)
@@ -690,7 +705,7 @@ def main(argv: list[str] | None = None) -> None:
         print(records_markdown(rows, list(rows[0])))
     if 4 in args.part:
         print("\n## Part 4: K-FAC vs ASDL (asdfghjkl 0.1a5), time and peak memory, CPU")
-        rows = part4(args.batch, args.steps, args.intervals)
+        rows = part4(args.batch, args.steps, args.intervals, args.statistics_fraction)
         write_records_csv(rows, args.out_dir / f"precond_kfac_asdl{tag}.csv")
         print(records_markdown(rows, list(rows[0])))
     print(env)

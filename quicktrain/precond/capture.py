@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn import functional as F  # noqa: N812
 
-from quicktrain.precond._math import kron_per_example
+from quicktrain.precond._math import kfac_input_factor, kfac_output_factor, kron_per_example
 
 __all__ = [
     "ATTENTION_TYPES",
@@ -297,13 +297,26 @@ class LayerCapture:
 
 
 # --------------------------------------------------------------------------------------- layer views
-def _conv_pad(module: nn.Conv2d, x: Tensor) -> Tensor:
-    """The conv input with its zero padding applied (``[N, C, H, W]``)."""
+def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
+    """The conv's zero padding per side, ``(p_h, p_w)`` (``'valid'`` and symmetric ``'same'`` resolved)."""
     padding = module.padding
     if isinstance(padding, str):
-        padding = (0, 0) if padding == "valid" else tuple(d * (k - 1) // 2 for d, k in
-                                                          zip(module.dilation, module.kernel_size, strict=True))
+        return (0, 0) if padding == "valid" else tuple(d * (k - 1) // 2 for d, k in
+                                                       zip(module.dilation, module.kernel_size, strict=True))
+    return padding
+
+
+def _conv_pad(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """The conv input with its zero padding applied (``[N, C, H, W]``)."""
+    padding = _conv_padding(module)
     return F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
+
+
+def _conv_length(module: nn.Conv2d, x: Tensor) -> int:
+    """Number of output positions ``H_out·W_out`` of the conv on input ``x``."""
+    padded = [s + 2 * p for s, p in zip(x.shape[-2:], _conv_padding(module), strict=True)]
+    return math.prod((s - (k - 1) * d - 1) // st + 1 for s, k, d, st in
+                     zip(padded, module.kernel_size, module.dilation, module.stride, strict=True))
 
 
 def _conv_patch_mean(module: nn.Conv2d, x: Tensor, ones: bool) -> tuple[Tensor, int]:
@@ -347,6 +360,98 @@ def _conv_patches(module: nn.Conv2d, x: Tensor, ones: bool) -> Tensor:
     dst.copy_(x.permute(0, 2, 3, 1, 4, 5).unflatten(3, (groups, c // groups)))
     if ones:
         out[..., d] = 1.0
+    return out
+
+
+def _conv_columns(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """im2col of a one-group conv input as ``[C·kh·kw, N·L]``: row ``(c, i, j)`` (the weight's order) holds the
+    input that kernel offset ``(i, j)`` of channel ``c`` sees at every position of every example.
+
+    One copy from strided ``Tensor.unfold`` views into the ``[C, kh, kw, N, H_out, W_out]`` layout, whose
+    innermost runs are output rows (the ``[N, L, C·kh·kw]`` layout of :func:`_conv_patches` gathers runs of
+    ``kw`` entries and took 3–5× longer), so that the Gram matrix of the patches is one matrix product with
+    no transposing copy."""
+    x = _conv_pad(module, x)
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    x = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)  # n, c, h_out, w_out, ekh, ekw
+    if dh > 1 or dw > 1:
+        x = x[..., ::dh, ::dw]
+    n, c, ho, wo = x.shape[:4]
+    cols = x.new_empty(c, kh, kw, n, ho, wo)
+    cols.copy_(x.permute(1, 4, 5, 0, 2, 3))
+    return cols.view(c * kh * kw, n * ho * wo)
+
+
+def _conv_row_columns(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """The width half of im2col for a conv of row stride 1, ``Y = [C, kw, N, H + (kh-1)·dh, W_out]``:
+    ``Y[c, j, n, u, w]`` is input row ``u`` of channel ``c`` as kernel column ``j`` sees it at output column
+    ``w`` (zero beyond the ``H`` input rows: the gap keeps a shift by whole rows inside one example).
+
+    Kernel row ``i`` at output row ``h`` reads row ``u = h + i·dh - p_h`` of ``Y``, so the patches are ``Y``'s
+    rows shifted by ``i`` and :func:`_conv_row_factor` needs ``kw`` copies of the input, not ``kh·kw``."""
+    (kh, kw), (dh, dw), sw = module.kernel_size, module.dilation, module.stride[1]
+    pw = _conv_padding(module)[1]
+    x = F.pad(x, (pw, pw, 0, (kh - 1) * dh))
+    x = x.unfold(3, (kw - 1) * dw + 1, sw)[..., ::dw]  # n, c, rows, w_out, kw
+    cols = x.new_empty(x.shape[1], kw, x.shape[0], x.shape[2], x.shape[3])
+    cols.copy_(x.permute(1, 4, 0, 2, 3))
+    return cols
+
+
+def _conv_row_factor(module: nn.Conv2d, xs: Sequence[Tensor], n: int, ones: bool, max_elements: int) -> Tensor:
+    r"""K-FAC's ``A = (1/N) Σ_{n,l} a_{nl} a_{nl}ᵀ`` of a one-group conv of row stride 1 without its patches.
+
+    With ``Y`` of :func:`_conv_row_columns` and ``a_i = i·d_h - p_h``, the block of kernel rows ``(i, i')``
+    (every channel and kernel column at once) is
+
+    .. math:: B_{ii'} = \frac1N \sum_n \sum_{h < H_{out}} Y_{h+a_i} Y_{h+a_{i'}}^\top
+        = \frac1N \sum_n \Big(\sum_{u} - \sum_{u \notin [a_i, a_i + H_{out})}\Big) Y_u Y_{u+\delta}^\top,
+        \quad \delta = (i'-i)\,d_h
+
+    (``u`` over the rows with ``0 ≤ u, u+δ < H``): the full sum of rows ``δ`` apart is one product of ``Y``
+    flattened to ``[C·kw, T]`` with itself shifted by ``δ·W_out`` entries (the zero gap rows drop the pairs
+    across examples), shared by every ``i`` with the same ``δ``; the rows outside a window are ``p_h`` or
+    fewer, a small product each. ``kh`` large products of ``(C·kw)² T`` instead of one of ``(C·kh·kw)² N·L``:
+    ``kw/kh`` of the copies and ``1/kh`` of the multiply-adds of the explicit patches. ``B_{i'i} = B_{ii'}ᵀ``.
+    """
+    (kh, kw), dh = module.kernel_size, module.dilation[0]
+    ph = _conv_padding(module)[0]
+    c = module.in_channels
+    d = c * kh * kw
+    blocks = xs[0].new_zeros(kh, kh, c * kw, c * kw)
+    sums = xs[0].new_zeros(c, kw, kh) if ones else None
+    for x in xs:
+        h = x.shape[2]
+        ho = h + 2 * ph - (kh - 1) * dh
+        step = max(1, max_elements // (c * kw * x.shape[3] * (h + (kh - 1) * dh)))
+        for i0 in range(0, x.shape[0], step):
+            y = _conv_row_columns(module, x[i0:i0 + step])  # [C, kw, n, rows, W_out]
+            wo = y.shape[4]
+            flat = y.view(c * kw, -1)
+            for di in range(kh):
+                shift = di * dh
+                full = flat[:, :flat.shape[1] - shift * wo] @ flat[:, shift * wo:].T
+                for i in range(kh - di):
+                    lo, hi = i * dh - ph, i * dh - ph + ho  # the rows kernel row i reads
+                    block = blocks[i, i + di]
+                    block.add_(full, alpha=1.0 / n)
+                    for u0, u1 in ((0, min(lo, h - shift)), (max(hi, 0), h - shift)):
+                        if u1 > u0:  # rows outside the window: taken back out
+                            a = y[:, :, :, u0:u1].reshape(c * kw, -1)
+                            b = y[:, :, :, u0 + shift:u1 + shift].reshape(c * kw, -1)
+                            block.addmm_(a, b.T, alpha=-1.0 / n)
+            if sums is not None:
+                per_row = y.sum((2, 4))  # [C, kw, rows]
+                for i in range(kh):
+                    lo, hi = max(i * dh - ph, 0), min(i * dh - ph + ho, h)
+                    sums[:, :, i].add_(per_row[:, :, lo:hi].sum(-1), alpha=1.0 / n)
+    for i in range(kh):
+        for i2 in range(i):
+            blocks[i, i2] = blocks[i2, i].T
+    out = x.new_empty(d + ones, d + ones)
+    out[:d, :d] = blocks.view(kh, kh, c, kw, c, kw).permute(2, 0, 3, 4, 1, 5).reshape(d, d)
+    if sums is not None:
+        out[:d, d] = out[d, :d] = sums.transpose(1, 2).reshape(d)
     return out
 
 
@@ -435,6 +540,76 @@ class LayerBatch:
         step = max(1, max_elements // per_example)
         for i in range(0, n, step):
             yield _cat([_kron_input(m, x[i:i + step], with_bias) for x in self.inputs], 1)
+
+    def kron_length(self) -> int:
+        """Weight-sharing positions ``L`` of a Linear/Conv2d per example, over all calls."""
+        m = self.module
+        if isinstance(m, nn.Conv2d):
+            return sum(_conv_length(m, x) for x in self.inputs)
+        return sum(x.numel() // (x.shape[0] * x.shape[-1]) for x in self.inputs)
+
+    def kron_input_factor(self, with_bias: bool = True, max_elements: int = 1 << 20) -> Tensor:
+        """K-FAC's ``A = (1/N) Σ_{n,l} a_{nl} a_{nl}ᵀ`` (expand setting) over all calls, ``[groups, d_in, d_in]``.
+
+        A one-group convolution accumulates ``A += (1/N) P Pᵀ`` with ``addmm_`` over chunks of at most
+        ``max_elements`` patch entries, ``P`` the :func:`_conv_columns` of a chunk of examples; the bias block
+        is ``(1/N) Σ_{n,l} a_{nl}`` (the row sums of ``P``) and ``L``. Other layers take the Gram matrix of
+        :meth:`kron_input_chunks`.
+        """
+        m, n = self.module, self.n
+        if not (isinstance(m, nn.Conv2d) and m.groups == 1 and self.inputs[0].dim() == 4):
+            fa = None
+            for chunk in self.kron_input_chunks(with_bias, max_elements):
+                fa = kfac_input_factor(chunk, n) if fa is None else fa.add_(kfac_input_factor(chunk, n))
+            return fa
+        ones = m.bias is not None and with_bias
+        if m.stride[0] == 1:
+            out = _conv_row_factor(m, self.inputs, n, ones, max_elements)
+            if ones:
+                out[-1, -1] = self.kron_length()
+            return out.unsqueeze(0)
+        x0 = self.inputs[0]
+        d = m.in_channels * math.prod(m.kernel_size)
+        out = x0.new_zeros(d + ones, d + ones)
+        gram, sums = out[:d, :d], (out[:d, d] if ones else None)
+        for x in self.inputs:
+            length = _conv_length(m, x)
+            step = max(1, max_elements // (d * length))
+            for i in range(0, x.shape[0], step):
+                cols = _conv_columns(m, x[i:i + step])
+                gram.addmm_(cols, cols.T, alpha=1.0 / n)
+                if sums is not None:
+                    sums.add_(cols.sum(1), alpha=1.0 / n)
+        if sums is not None:
+            out[d, :d] = sums
+            out[d, d] = self.kron_length()
+        return out.unsqueeze(0)
+
+    def kron_output_factor(self) -> Tensor:
+        """K-FAC's ``G = (s²/L) Σ_{k,n,l} g_{knl} g_{knl}ᵀ`` (expand setting, ``s`` the :attr:`scale`, ``L`` the
+        positions of all calls), ``[groups, d_out, d_out]``. A one-group convolution's gradients ``[K·N, C, L]``
+        enter as recorded, one batched product over examples, when ``C ≤ L`` (its ``[K·N, C, C]`` products are
+        then no larger than the ``[K·N·L, C]`` copy of the other layout)."""
+        m = self.module
+        if not (isinstance(m, nn.Conv2d) and m.groups == 1 and self.inputs[0].dim() == 4
+                and m.out_channels <= min(_conv_length(m, x) for x in self.inputs)):
+            g = self.kron_grads()
+            return kfac_output_factor(g, g.shape[1], self.scale)
+        out = None
+        for gs in self.grads:
+            for g in gs:
+                v = g.reshape(g.shape[0], g.shape[1], -1)
+                fg = torch.bmm(v, v.transpose(1, 2)).sum(0)
+                out = fg if out is None else out.add_(fg)
+        return out.mul_(self.scale**2 / self.kron_length()).unsqueeze(0)
+
+    def head(self, m: int) -> LayerBatch:
+        """The records of the first ``m`` examples as a batch of its own: ``n = m`` and the scale times
+        ``√(N/m)``, so that its statistics are the sub-batch's own (each estimator's ``1/N`` becomes ``1/m``)."""
+        if m >= self.n:
+            return self
+        return LayerBatch(self.module, [x[:m] for x in self.inputs], [[g[:m] for g in gs] for gs in self.grads],
+                          m, [None if o is None else o[:m] for o in self.outputs], self.scale * math.sqrt(self.n / m))
 
     def kron_input_means(self, with_bias: bool = True) -> Tensor:
         """:meth:`kron_inputs` averaged over the positions of all calls, ``[N, 1, groups, d_in]`` (conv patches

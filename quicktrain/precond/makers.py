@@ -355,6 +355,7 @@ class CurvatureGradients:
                 scale, passes = 1.0, slice(None)
         n = inputs.shape[0]
         batches = {name: cap.batch(name, n, scale, passes) for name in self.modules}
+        del cap  # the batches hold the only references to the records, which _update frees layer by layer
         self._update(batches)
         self._check_statistics(self.step)
         return loss, logits
@@ -364,11 +365,13 @@ class CurvatureGradients:
             self.full.update(batches, self.ema_decay)
             return
         device = next(iter(self.modules.values())).weight.device
-        for name, rep in self.reps.items():
+        # last layer first, each layer's records dropped once its statistics are in: the first layers, whose
+        # records and temporaries (conv patches) are the largest, run when most other records are freed
+        for name, rep in reversed(self.reps.items()):
             if hasattr(rep, "generator"):
                 rep.generator = self.rng.get(device)
             rep.step = self.step
-            rep.update(batches[name], self.ema_decay)
+            rep.update(batches.pop(name), self.ema_decay)
 
     def _check_grads(self, step: int) -> None:
         params = [(name, p) for name, m in self.modules.items() for p in m.parameters(recurse=False)

@@ -201,19 +201,21 @@ def test_conv_patches_equal_unfold_for_any_stride_dilation_padding_and_groups(co
     torch.testing.assert_close(torch.einsum("nlgi,goi->ngol", ref, w).reshape(out.shape), out)
 
 
+@pytest.mark.parametrize("groups", [1, 2])  # one group: A from im2col columns, G from the gradients as recorded
 @pytest.mark.parametrize("setting", ["expand", "reduce"])
 @pytest.mark.parametrize("bias", [True, False])  # without bias, grouped patches take the im2col layout
-def test_conv_kronecker_factors_equal_explicit_patches_and_output_gradients(bias, setting):
+def test_conv_kronecker_factors_equal_explicit_patches_and_output_gradients(bias, setting, groups):
     """KFC, and K-FAC-reduce for convolutions (Eschenhagen et al. 2023, eq. 12: mean patch, summed gradient)."""
-    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=bias).double()
+    cin, cout = 4 // groups, 6 // groups  # per group
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=groups, bias=bias).double()
     model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(6 * 3 * 3, 3)).double()
     x, y = torch.randn(3, 4, 5, 5, dtype=torch.float64), torch.randint(0, 3, (3,))
     maker, _ = _step("kfac", model, x, y, fisher_type="exact", weight_sharing=setting, low_rank=False)
     rep = maker.reps["0"]
     # A: explicit patches per example, group and output location (channel-major, then kh, kw; then a 1)
     xp = F.pad(x, (1, 1, 1, 1))
-    for grp in range(2):
-        rows = [torch.cat([xp[n, 2 * grp:2 * grp + 2, 2 * i:2 * i + 3, 2 * j:2 * j + 3].reshape(-1),
+    for grp in range(groups):
+        rows = [torch.cat([xp[n, cin * grp:cin * (grp + 1), 2 * i:2 * i + 3, 2 * j:2 * j + 3].reshape(-1),
                            torch.ones(int(bias), dtype=torch.float64)])
                 for n in range(3) for i in range(3) for j in range(3)]
         a = torch.stack(rows)
@@ -226,13 +228,13 @@ def test_conv_kronecker_factors_equal_explicit_patches_and_output_gradients(bias
     logits, vjp = torch.func.vjp(head, out)
     vecs = output_sqrt(nn.CrossEntropyLoss(), logits, y, "exact")
     gs = torch.stack([vjp(v)[0] for v in vecs])  # [K, N, C, H, W]
-    for grp in range(2):
-        gg = gs[:, :, 3 * grp:3 * grp + 3].permute(0, 1, 3, 4, 2)  # [K, N, H, W, C/groups]
+    for grp in range(groups):
+        gg = gs[:, :, cout * grp:cout * (grp + 1)].permute(0, 1, 3, 4, 2)  # [K, N, H, W, C/groups]
         if setting == "reduce":
-            gg = gg.sum((2, 3)).reshape(-1, 3)
+            gg = gg.sum((2, 3)).reshape(-1, cout)
             torch.testing.assert_close(rep.G[grp], gg.T @ gg)
         else:
-            gg = gg.reshape(-1, 3)
+            gg = gg.reshape(-1, cout)
             torch.testing.assert_close(rep.G[grp], gg.T @ gg / 9)
 
 
@@ -503,6 +505,68 @@ def test_kfac_low_rank_input_factor_solve_equals_the_dense_solve(bias, conv):
             for p, q in zip(model.parameters(), twin.parameters(), strict=True):
                 p -= 0.1 * p.grad
                 q -= 0.1 * q.grad
+
+
+@pytest.mark.parametrize("conv", [
+    dict(kernel_size=3, padding=1),  # row stride 1: row-shifted products of the width im2col
+    dict(kernel_size=3, padding=0),  # windows that leave out input rows at both ends
+    dict(kernel_size=(3, 2), padding=(2, 0), dilation=(2, 1), stride=(1, 2)),
+    dict(kernel_size=5, padding="same"),
+    dict(kernel_size=3, padding=3),  # windows beyond the input rows
+    dict(kernel_size=1, padding=0),
+    dict(kernel_size=3, padding=1, stride=2),  # row stride 2: im2col columns
+])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("max_elements", [1 << 22, 1])  # the whole batch at once, or one example per chunk
+def test_one_group_conv_input_factor_equals_the_gram_of_unfold_patches(conv, bias, max_elements):
+    """``A = (1/N) Σ_{n,l} a_{nl} a_{nl}ᵀ`` over two calls of different sizes, against ``F.unfold``'s patches."""
+    from quicktrain.precond.capture import LayerCapture
+
+    layer = nn.Conv2d(3, 4, bias=bias, **conv).double()
+    xs = [torch.randn(5, 3, 7, 6, dtype=torch.float64), torch.randn(5, 3, 6, 9, dtype=torch.float64)]
+    with LayerCapture({"c": layer}) as cap:
+        sum(layer(x).sum() for x in xs).backward()
+    padding = 2 if conv["padding"] == "same" else conv["padding"]
+    cols = torch.cat([F.unfold(x, layer.kernel_size, layer.dilation, padding, layer.stride) for x in xs], -1)
+    if bias:
+        cols = torch.cat([cols, torch.ones(5, 1, cols.shape[-1], dtype=torch.float64)], 1)
+    ref = torch.einsum("ndl,nel->de", cols, cols) / 5
+    got = cap.batch("c", 5).kron_input_factor(max_elements=max_elements)
+    assert got.shape == (1, *ref.shape)
+    torch.testing.assert_close(got[0], ref)
+
+
+@pytest.mark.parametrize("fisher", ["emp", "exact"])
+def test_kfac_sub_batch_statistics_are_the_factors_of_the_first_examples(fisher):
+    """``statistics_fraction=f``: A and G of the first ``M = ⌈f·N⌉`` examples with ``1/M`` (built here from
+    explicit patches and per-example output gradients by ``torch.func``); ``f = 1`` is bit-identical."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).double()
+    x, y = torch.randn(7, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    cfg = dict(fisher_type=fisher, ema_decay=0.0, low_rank=False)
+    whole, _ = _step("kfac", copy.deepcopy(model), x, y, **cfg)
+    same, _ = _step("kfac", copy.deepcopy(model), x, y, statistics_fraction=1.0, **cfg)
+    for name in ("0", "3"):
+        for key in ("A", "G"):
+            torch.testing.assert_close(getattr(same.reps[name], key), getattr(whole.reps[name], key), rtol=0, atol=0)
+    sub, _ = _step("kfac", model, x, y, statistics_fraction=0.4, **cfg)  # M = ⌈2.8⌉ = 3 of 7
+    m = 3
+    patches = F.unfold(x[:m], 3, padding=1)  # [M, 18, 16]
+    patches = torch.cat([patches, torch.ones(m, 1, 16, dtype=torch.float64)], 1)
+    torch.testing.assert_close(sub.reps["0"].A[0], torch.einsum("ndl,nel->de", patches, patches) / m)
+    hidden = torch.tanh(conv(x[:m])).flatten(1)
+    a = torch.cat([hidden, torch.ones(m, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(sub.reps["3"].A[0], a.T @ a / m)
+    # G: the Fisher's output vectors of the M examples' mean loss (1/√M in each), pulled back to each layer
+    logits, vjp_conv = torch.func.vjp(lambda o: model[3](torch.tanh(o).flatten(1)), conv(x[:m]))
+    vecs = output_sqrt(nn.CrossEntropyLoss(), logits, y[:m], fisher)
+    g_conv = torch.stack([vjp_conv(v)[0] for v in vecs]).permute(0, 1, 3, 4, 2).reshape(-1, 3)
+    torch.testing.assert_close(sub.reps["0"].G[0], g_conv.T @ g_conv / 16)  # 16 positions
+    g_lin = vecs.reshape(-1, 3)
+    torch.testing.assert_close(sub.reps["3"].G[0], g_lin.T @ g_lin)
+    with pytest.raises(ValueError, match=r"statistics_fraction must be in \(0, 1\], got 0"):
+        precond.make("kfac", model, nn.CrossEntropyLoss(), statistics_fraction=0)
 
 
 @pytest.mark.parametrize("bias", [True, False])

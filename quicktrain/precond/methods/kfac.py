@@ -20,18 +20,20 @@ __all__ = ["kfac", "kron_map"]
 
 
 def kron_map(solver: str = "cholesky", pi_damping: bool = True, bias: str = "augment",
-             weight_sharing: str = "expand", low_rank: bool = False) -> RepresentationMap:
+             weight_sharing: str = "expand", low_rank: bool = False,
+             statistics_fraction: float = 1.0) -> RepresentationMap:
     """K-FAC's map: Kronecker for Linear/Conv2d (attention projections included) and Embedding, unit-wise for
     normalisation layers."""
     return type_map(partial(KronFactored, solver=solver, pi_damping=pi_damping, bias=bias,
-                            weight_sharing=weight_sharing, low_rank=low_rank),
+                            weight_sharing=weight_sharing, low_rank=low_rank,
+                            statistics_fraction=statistics_fraction),
                      partial(KronEmbedding, pi_damping=pi_damping), UnitWise)
 
 
 @register("kfac")
 def kfac(model: nn.Module, loss_fn: nn.Module, *, solver: str = "cholesky", pi_damping: bool = True,
-         bias: str = "augment", weight_sharing: str = "expand", low_rank: bool = True, fisher_type: str = "mc",
-         **config: Any) -> CurvatureGradients:
+         bias: str = "augment", weight_sharing: str = "expand", low_rank: bool = True,
+         statistics_fraction: float = 1.0, fisher_type: str = "mc", **config: Any) -> CurvatureGradients:
     """K-FAC (Martens & Grosse, 2015; KFC for conv): ``ΔW = (G+√λ/π I)^{-1} ∇W (A+π√λ I)^{-1}``.
 
     Args:
@@ -44,8 +46,11 @@ def kfac(model: nn.Module, loss_fn: nn.Module, *, solver: str = "cholesky", pi_d
             (see :class:`~quicktrain.precond.representations.kron.KronFactored`).
         low_rank: with ``ema_decay=0``, solve by Sherman–Morrison–Woodbury against the rows of an input factor
             that the batch cannot fill (dimension above its rows); the same step as the dense solve, cheaper.
+        statistics_fraction: ``f ∈ (0, 1]``: the Linear/Conv2d factors from the first ``⌈f·N⌉`` examples of each
+            curvature batch, as that sub-batch's own estimate (a different, noisier estimator; ``1`` is the
+            whole batch). Cheaper Gram products; the forward and backward passes are the same.
         fisher_type: ``mc`` (default), ``emp`` or ``exact``.
         **config: common options.
     """
-    reps = kron_map(solver, pi_damping, bias, weight_sharing, low_rank)
+    reps = kron_map(solver, pi_damping, bias, weight_sharing, low_rank, statistics_fraction)
     return CurvatureGradients(model, loss_fn, method="kfac", reps=reps, fisher_type=fisher_type, **config)

@@ -111,12 +111,17 @@ class KronFactored(Representation):
             ``(A + λ_A I)^{-1} V = λ_A^{-1}(V - U_Aᵀ (λ_A I_R + U_A U_Aᵀ)^{-1} U_A V)``: an ``R × R`` Cholesky
             instead of a ``d × d`` one, and ``R × d`` products instead of a ``d × d`` one at every step. The
             ``R × R`` factor belongs to the rows, so it is refreshed with them (at every curvature step).
+        statistics_fraction: ``f ∈ (0, 1]``: ``A`` and ``G`` from the first ``M = ⌈f·N⌉`` examples of the batch
+            only, each as the sub-batch's own estimate (``1/N`` becomes ``1/M``; ``f = 1`` is the batch's). A
+            different, noisier estimator for cheaper factors: the Gram products shrink by ``f``, the forward
+            and backward passes do not (the batch is shuffled, so its first examples are a random subset).
     """
 
     _state = ("A", "G", "A_inv", "G_inv", "UA", "A_factor", "A_damping")
 
     def __init__(self, name: str, module, solver: str = "cholesky", pi_damping: bool = True,
-                 bias: str = "augment", weight_sharing: str = "expand", low_rank: bool = False) -> None:
+                 bias: str = "augment", weight_sharing: str = "expand", low_rank: bool = False,
+                 statistics_fraction: float = 1.0) -> None:
         super().__init__(name, module)
         if solver not in _SOLVERS:
             raise ValueError(f"Unknown solver {solver!r}; choose from {sorted(_SOLVERS)}")
@@ -125,28 +130,33 @@ class KronFactored(Representation):
         if weight_sharing not in ("expand", "reduce"):
             raise ValueError(f"Unknown weight_sharing={weight_sharing!r}; choose from ['expand', 'reduce']")
         self.solver, self.pi_damping, self.reduce = solver, pi_damping, weight_sharing == "reduce"
-        self.low_rank = low_rank
+        if not 0.0 < statistics_fraction <= 1.0:
+            raise ValueError(f"statistics_fraction must be in (0, 1], got {statistics_fraction}")
+        self.low_rank, self.fraction = low_rank, statistics_fraction
         self.separate = bias == "separate" and module.bias is not None
 
     def update(self, batch: LayerBatch, decay: float) -> None:
         with_bias = not self.separate
+        if self.fraction < 1.0:
+            batch = batch.head(max(1, math.ceil(self.fraction * batch.n)))
         if self.reduce:
-            chunks = iter([batch.kron_input_means(with_bias)])
-            g = batch.kron_grads().sum(1, keepdim=True)
-        else:  # A is summed over chunks of examples: a convolution's patches are never built for the whole batch
-            chunks, g = batch.kron_input_chunks(with_bias), batch.kron_grads()
-        first = next(chunks)
-        length, rows = first.shape[1], batch.n * first.shape[1]
-        fg = kfac_output_factor(g, length, batch.scale)
-        if self.low_rank and decay == 0.0 and rows < first.shape[-1]:
-            a = torch.cat([first, *chunks])
+            a = batch.kron_input_means(with_bias)
+            fg = kfac_output_factor(batch.kron_grads().sum(1, keepdim=True), 1, batch.scale)
+        else:
+            a = None
+            fg = batch.kron_output_factor()
+        m = self.module
+        d_in = (m.in_channels // m.groups * math.prod(m.kernel_size) if isinstance(m, nn.Conv2d)
+                else m.in_features) + (m.bias is not None and with_bias)
+        rows = batch.n * (1 if self.reduce else batch.kron_length())
+        if self.low_rank and decay == 0.0 and rows < d_in:
+            a = batch.kron_inputs(with_bias) if a is None else a
             ua = a.reshape(rows, *a.shape[2:]) / math.sqrt(batch.n)  # A = U_Aᵀ U_A per group
             self.UA = all_gather_rows(ua).transpose(0, 1)  # [groups, R, d_in]
             self.A = self.A_inv = self.A_factor = None
         else:
-            fa = kfac_input_factor(first, batch.n)
-            for chunk in chunks:
-                fa += kfac_input_factor(chunk, batch.n)
+            # expand: the patches of a convolution are never built for the whole batch (see kron_input_factor)
+            fa = batch.kron_input_factor(with_bias) if a is None else kfac_input_factor(a, batch.n)
             if self.UA is not None:  # a moving average starts from the dense matrix of the rows kept so far
                 self.A, self.UA, self.A_factor = self.UA.transpose(-1, -2) @ self.UA, None, None
             self.A = ema(self.A, all_reduce_mean(fa), decay)
