@@ -269,17 +269,18 @@ def _group(row: dict[str, Any]) -> tuple[str, str, str]:
 
 def tables(records: list[dict[str, Any]], header: str) -> str:
     pre = [r for r in records if r.get("kind") == "pretrain"]
-    lines = [header, "", "| model | method | test acc (%) | train acc (%) | steps | train wall (s) | train CPU (s) | "
-             "params | MACs |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [header, "", "| model | method | test acc (%) | val acc (%) | train acc (%) | steps | train wall (s) | "
+             "train CPU (s) | params | MACs |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     groups = dict.fromkeys(_group(r) for r in pre)
     for model, method, variant in groups:
         rows = [r for r in pre if _group(r) == (model, method, variant)]
         name = f"{method}{' ' + variant if variant else ''}"
         test, train = mean_std([r["test_acc"] for r in rows], 100), mean_std([r["train_acc"] for r in rows], 100)
+        val = mean_std([r["val_acc"] for r in rows], 100)
         steps, wall = statistics.mean(r["steps"] for r in rows), mean_std([r["train_wall_s"] for r in rows], digits=1)
         cpu = mean_std([r["train_cpu_s"] for r in rows], digits=1) if all("train_cpu_s" in r for r in rows) else "-"
-        lines.append(f"| {model} | {name} | {test} | {train} | {steps:.0f} | {wall} | {cpu} | {rows[0]['params']:,} | "
-                     f"{rows[0]['macs']:,} |")
+        lines.append(f"| {model} | {name} | {test} | {val} | {train} | {steps:.0f} | {wall} | {cpu} | "
+                     f"{rows[0]['params']:,} | {rows[0]['macs']:,} |")
     lines += ["", "Paired differences in test accuracy (points, mean and 95% t-interval over seeds):", "",
               "| model | comparison | difference | 95% interval | seeds |", "| --- | --- | --- | --- | --- |"]
     for model, method, variant in groups:
@@ -289,7 +290,9 @@ def tables(records: list[dict[str, Any]], header: str) -> str:
         comparisons = [(base, "")] if base else []
         if method in ("vanilla_wall", "kd", "linear"):
             comparisons.append(("netbooster", ""))
-        if variant:  # schedule study: each variant against the default schedule
+        if variant.endswith(" epochs"):  # learning curve: each budget against NetBooster at --epochs
+            comparisons = [("netbooster", "")]
+        elif variant:  # schedule study: each variant against the default schedule
             comparisons = [] if variant == "default" else [("netbooster", "default")]
         for other, other_variant in comparisons:
             mine = _by_seed([r for r in pre if _group(r) == (model, method, variant)])
@@ -395,6 +398,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-labels-batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=200, help="optimizer steps of an epoch (at most one pass)")
     p.add_argument("--epochs", type=int, default=1, help="epochs of a run (--steps each)")
+    p.add_argument("--curve", nargs="*", type=int, default=[],
+                   help="also train vanilla for these numbers of epochs (a learning curve: where it plateaus)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -477,6 +482,8 @@ def main(argv: list[str]) -> None:
                 plan = [("netbooster", name, variant) for name, variant in STUDY.items()]
             else:
                 plan = [(m, "", {}) for m in args.methods]
+                # learning curve: vanilla at other budgets (e.g. to find where it plateaus), variant "N epochs"
+                plan += [("vanilla", f"{e} epochs", {"epochs": e}) for e in args.curve if e != args.epochs]
             for method, variant, change in plan:
                 name = args.reference if method == "reference" else model
                 if ("pretrain", name, method, variant, seed) in seen:
@@ -484,9 +491,9 @@ def main(argv: list[str]) -> None:
                 if variant == "default" and (model, seed) in main_boost:
                     record({**main_boost[(model, seed)], "variant": variant})
                     continue
-                short = variant.split(" ")[0] if variant else ""
+                short = "-".join(variant.split(" ")[:2 if "epochs" in change else 1]) if variant else ""
                 folder = runs / f"{args.tag or 'main'}-{name}-{method}-{short}-{seed}"
-                config = replace(base, model=name, seed=seed, out=str(folder))
+                config = replace(base, model=name, seed=seed, out=str(folder), epochs=change.get("epochs", base.epochs))
                 row = run_one(config, method, {**settings, **change}, done)
                 row.update(kind="pretrain", variant=variant)
                 record(row)
