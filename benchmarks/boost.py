@@ -415,6 +415,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-rounds", type=int, default=10)
     p.add_argument("--runs", default="runs/bench_boost", help="folder for the runs' checkpoints")
     p.add_argument("--results", default="benchmarks/results")
+    p.add_argument("--include", nargs="*", default=[],
+                   help="also count and tabulate the runs of these tags' logs (a vanilla run of another budget "
+                        "becomes the learning-curve row 'N epochs')")
     p.add_argument("--tag", default="", help="suffix of the result files (boost{tag}.jsonl/.md/.json)")
     return p
 
@@ -440,6 +443,12 @@ def main(argv: list[str]) -> None:
         return
     log = out / f"boost{args.tag}.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    for tag in args.include:  # e.g. per-seed logs run in parallel: their runs count as done here
+        for row in map(json.loads, (out / f"boost{tag}.jsonl").read_text().splitlines()):
+            if (row["kind"] == "pretrain" and row["method"] == "vanilla" and not row["variant"]
+                    and row["steps"] != args.steps * args.epochs):  # another budget: a learning-curve row
+                row["variant"] = f"{row['steps'] // args.steps} epochs"
+            records.append(row)
     seen = {(r["kind"], r["model"], r["method"], r.get("variant", ""), r["seed"]) for r in records}
     done = {(r["model"], r["method"], r["seed"]): r for r in records
             if r["kind"] == "pretrain" and not r.get("variant")}
