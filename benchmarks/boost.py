@@ -6,8 +6,10 @@ For each model and seed, in this order (so load on the machine hits the contende
 * ``vanilla``: the tiny network for ``--steps`` optimizer steps (equal epochs);
 * ``netbooster``: :class:`quicktrain.boost.BoostTransform`, the same steps: giant, PLT window, exact
   contraction, fine-tuning of the tiny network;
-* ``vanilla_wall``: the tiny network for as many steps as fit in this seed's NetBooster wall time (equal
-  wall-clock: ``steps x netbooster wall / vanilla wall``);
+* ``vanilla_wall``: the tiny network for as many steps as fit in this seed's NetBooster training time (equal
+  wall-clock: ``steps x netbooster time / vanilla time``). The time is the thread's CPU time of the training
+  steps (:class:`StepCPUTime`), which is the wall time of a quiet one-thread machine: on the shared machine
+  the wall time of runs in sequence varied ±70% with other jobs' load, and so did this ratio;
 * ``kd``: a teacher with the giant's architecture (the same expansion, trained normally, no PLT) for
   ``--steps`` steps, then the tiny network distilled from it (Hinton et al., 2015) for ``--steps`` steps:
   twice NetBooster's steps, a budget that favours KD;
@@ -16,14 +18,17 @@ For each model and seed, in this order (so load on the machine hits the contende
 * ``reference``: the large ``--reference`` model (vanilla), to show how far below it the tiny one fits.
 
 Each pre-trained tiny model (and one from scratch) is then fine-tuned on ``--transfer`` (all weights but the
-classifier loaded). ``--study`` runs NetBooster schedule variants instead; ``--cost`` times the giant's and the
-tiny network's training step in turns and profiles where the giant's time goes.
+classifier loaded), and, as a second protocol, on only ``--transfer-labels`` training examples per class of it
+(the same test set; as many fine-tuning steps as the full protocol, so only the labels are fewer).
+``--study`` runs NetBooster schedule variants instead; ``--cost`` times the giant's and the tiny network's
+training step in turns and profiles where the giant's time goes.
 
 Every finished run is appended to ``benchmarks/results/boost{tag}.jsonl``; a rerun skips the runs already
 there (resumable). The tables (mean ± std and paired differences with a 95% t-interval) go to
 ``boost{tag}.md``.
 
     python benchmarks/boost.py --models tinycnn                        # main table + downstream
+    python benchmarks/boost.py --models tinycnn --steps 429 --epochs 4 --seeds 0 1 2 --tag _long  # 4 full epochs
     python benchmarks/boost.py --models mobilenetv2_mcu --methods vanilla netbooster --tag _mcu
     python benchmarks/boost.py --study --models tinycnn --seeds 0 1 2 --tag _study
     python benchmarks/boost.py --cost --tag _cost
@@ -91,6 +96,29 @@ STUDY: dict[str, dict[str, Any]] = {
 }
 
 
+class StepCPUTime(Transform):
+    """Measures the CPU time of this thread's training steps, evaluations left out: a model transform that
+    changes nothing and reads ``time.thread_time()`` at each step's start. An interval that spans an epoch's
+    end (it holds the evaluation) is not counted, so ``seconds`` is the mean counted step times the steps."""
+
+    def __init__(self, steps_per_epoch: int) -> None:
+        self.steps_per_epoch = steps_per_epoch
+        self.last: float | None = None
+        self.counted: list[float] = []
+        self.total_steps = 0
+
+    def on_step_start(self, model: nn.Module, step: int, total_steps: int) -> nn.Module:
+        now = time.thread_time()
+        if self.last is not None and step % self.steps_per_epoch:
+            self.counted.append(now - self.last)
+        self.last, self.total_steps = now, total_steps
+        return model
+
+    @property
+    def seconds(self) -> float:
+        return statistics.mean(self.counted) * self.total_steps
+
+
 class ExpandOnly(Transform):
     """A model transform that only expands: the KD teacher is the giant trained normally."""
 
@@ -125,32 +153,35 @@ def run_one(config: TrainConfig, method: str, settings: dict[str, Any], done: di
     """One pre-training run; returns its metrics, training wall time (without evaluations) and cost."""
     in_shape = tuple(models.input_shape(config.model, (1, 28, 28)))
     extra: dict[str, Any] = {}
+    clock = StepCPUTime(config.max_steps_per_epoch)
     if method in ("vanilla", "reference"):
-        result = fit(config)
-        wall = result.metrics["wall"]
+        result = fit(config, Hooks(transforms=[clock]))
+        wall, cpu = result.metrics["wall"], clock.seconds
     elif method in ("netbooster", "linear"):
         transform = BoostTransform(**boost_kwargs(settings), plt_start=settings["plt_start"],
                                    plt_end=settings["plt_end"], linear=method == "linear", verbose=False)
-        result = fit(config, Hooks(transforms=[transform]))
-        wall = result.metrics["wall"]
+        result = fit(config, Hooks(transforms=[transform, clock]))  # the clock also counts the contraction
+        wall, cpu = result.metrics["wall"], clock.seconds
         giant = expand(models.get_model(config.model, num_classes=10, in_shape=in_shape), **boost_kwargs(settings))
         extra.update(contracted_at_step=transform.contracted_at, giant_macs=count_macs(giant, in_shape),
                      giant_params=count_params(giant))
     elif method == "vanilla_wall":
         vanilla, boosted = done[(config.model, "vanilla", config.seed)], done[(config.model, "netbooster", config.seed)]
-        scale = boosted["train_wall_s"] / vanilla["train_wall_s"]
+        scale = boosted["train_cpu_s"] / vanilla["train_cpu_s"]
         total = round(config.epochs * config.max_steps_per_epoch * scale)
         epochs = math.ceil(total / (FULL_EPOCH // config.batch_size))
         config = replace(config, epochs=epochs, max_steps_per_epoch=round(total / epochs))
-        result = fit(config)
-        wall = result.metrics["wall"]
+        clock = StepCPUTime(config.max_steps_per_epoch)
+        result = fit(config, Hooks(transforms=[clock]))
+        wall, cpu = result.metrics["wall"], clock.seconds
         extra["wall_scale"] = scale
     elif method == "kd":
+        teacher_clock = StepCPUTime(config.max_steps_per_epoch)
         teacher = fit(replace(config, out=str(Path(config.out) / "teacher")),
-                      Hooks(transforms=[ExpandOnly(**boost_kwargs(settings))]))
-        result = fit(config, Hooks(gradients=distillation(teacher.model, temperature=settings["kd_temperature"],
-                                                          alpha=settings["kd_alpha"])))
-        wall = teacher.metrics["wall"] + result.metrics["wall"]
+                      Hooks(transforms=[ExpandOnly(**boost_kwargs(settings)), teacher_clock]))
+        result = fit(config, Hooks(transforms=[clock], gradients=distillation(
+            teacher.model, temperature=settings["kd_temperature"], alpha=settings["kd_alpha"])))
+        wall, cpu = teacher.metrics["wall"] + result.metrics["wall"], teacher_clock.seconds + clock.seconds
         extra.update(teacher_test_acc=teacher.metrics["test_acc"],
                      teacher_train_acc=train_accuracy(teacher.model, config))
     else:
@@ -159,9 +190,34 @@ def run_one(config: TrainConfig, method: str, settings: dict[str, Any], done: di
     return {
         "model": config.model, "method": method, "seed": config.seed, "test_acc": result.metrics["test_acc"],
         "val_acc": result.metrics["val_acc"], "train_acc": train_accuracy(model, config), "train_wall_s": wall,
+        "train_cpu_s": cpu,
         "steps": config.epochs * config.max_steps_per_epoch, "params": count_params(model),
         "macs": count_macs(model, in_shape), "out": config.out, **extra,
     }
+
+
+def labelled_subset(name: str, per_class: int) -> str:
+    """Register (once) dataset ``name`` with only ``per_class`` training examples of each class, drawn with the
+    split's seed (so every method of a seed fine-tunes on the same examples); val and test are unchanged.
+    Returns the registered name, ``{name}-{per_class}pc``."""
+    subset = f"{name}-{per_class}pc"
+    if subset in data.list_datasets():
+        return subset
+
+    def loader(*, root: str | None = None, download: bool = False, seed: int = 0) -> data.Splits:
+        splits = data.get_dataset(name, root=root, download=download, seed=seed)
+        images, labels = splits.train.tensors
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+        picks = [order[labels[order] == c][:per_class] for c in range(splits.num_classes)]
+        short = [c for c, p in enumerate(picks) if len(p) < per_class]
+        if short:
+            raise ValueError(f"{name} has fewer than {per_class} training examples of classes {short}; "
+                             "lower --transfer-labels")
+        keep = torch.cat(picks)
+        return replace(splits, name=subset, train=torch.utils.data.TensorDataset(images[keep], labels[keep]))
+
+    data.register_dataset(subset)(loader)
+    return subset
 
 
 def _head_prefix(model: nn.Module) -> str:
@@ -213,16 +269,18 @@ def _group(row: dict[str, Any]) -> tuple[str, str, str]:
 
 def tables(records: list[dict[str, Any]], header: str) -> str:
     pre = [r for r in records if r.get("kind") == "pretrain"]
-    lines = [header, "", "| model | method | test acc (%) | train acc (%) | steps | train wall (s) | params | MACs |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [header, "", "| model | method | test acc (%) | val acc (%) | train acc (%) | steps | train wall (s) | "
+             "train CPU (s) | params | MACs |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     groups = dict.fromkeys(_group(r) for r in pre)
     for model, method, variant in groups:
         rows = [r for r in pre if _group(r) == (model, method, variant)]
         name = f"{method}{' ' + variant if variant else ''}"
         test, train = mean_std([r["test_acc"] for r in rows], 100), mean_std([r["train_acc"] for r in rows], 100)
+        val = mean_std([r["val_acc"] for r in rows], 100)
         steps, wall = statistics.mean(r["steps"] for r in rows), mean_std([r["train_wall_s"] for r in rows], digits=1)
-        lines.append(f"| {model} | {name} | {test} | {train} | {steps:.0f} | {wall} | {rows[0]['params']:,} | "
-                     f"{rows[0]['macs']:,} |")
+        cpu = mean_std([r["train_cpu_s"] for r in rows], digits=1) if all("train_cpu_s" in r for r in rows) else "-"
+        lines.append(f"| {model} | {name} | {test} | {val} | {train} | {steps:.0f} | {wall} | {cpu} | "
+                     f"{rows[0]['params']:,} | {rows[0]['macs']:,} |")
     lines += ["", "Paired differences in test accuracy (points, mean and 95% t-interval over seeds):", "",
               "| model | comparison | difference | 95% interval | seeds |", "| --- | --- | --- | --- | --- |"]
     for model, method, variant in groups:
@@ -232,7 +290,9 @@ def tables(records: list[dict[str, Any]], header: str) -> str:
         comparisons = [(base, "")] if base else []
         if method in ("vanilla_wall", "kd", "linear"):
             comparisons.append(("netbooster", ""))
-        if variant:  # schedule study: each variant against the default schedule
+        if variant.endswith(" epochs"):  # learning curve: each budget against NetBooster at --epochs
+            comparisons = [("netbooster", "")]
+        elif variant:  # schedule study: each variant against the default schedule
             comparisons = [] if variant == "default" else [("netbooster", "default")]
         for other, other_variant in comparisons:
             mine = _by_seed([r for r in pre if _group(r) == (model, method, variant)])
@@ -241,26 +301,31 @@ def tables(records: list[dict[str, Any]], header: str) -> str:
             name = f"{method}{' ' + variant if variant else ''}"
             other_name = f"{other}{' ' + other_variant if other_variant else ''}"
             lines.append(f"| {model} | {name} − {other_name} | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | {n} |")
-    transfer = [r for r in records if r.get("kind") == "transfer"]
-    if transfer:
-        lines += ["", "Downstream: fine-tuned on the transfer set (pre-training method as rows):", "",
+    for kind, title in (("transfer", "fine-tuned on the transfer set"),
+                        ("transfer_low", "fine-tuned on a few labels per class of the transfer set")):
+        transfer = [r for r in records if r.get("kind") == kind]
+        if not transfer:
+            continue
+        labels = f" ({transfer[0]['labels_per_class']} per class)" if kind == "transfer_low" else ""
+        lines += ["", f"Downstream: {title}{labels} (pre-training method as rows):", "",
                   "| model | pre-training | test acc (%) | − vanilla pre-training (points, 95% interval) |",
                   "| --- | --- | --- | --- |"]
         for model in dict.fromkeys(r["model"] for r in transfer):
-            rows_of = {m: [r for r in transfer if r["model"] == model and r["method"] == m]
-                       for m in ("scratch", *PRETRAINED)}
-            for method, rows in rows_of.items():
-                if not rows:
-                    continue
-                mean, low, high, n = paired(_by_seed(rows), _by_seed(rows_of["vanilla"]))
-                diff = "" if method == "vanilla" else f"{mean:+.2f} [{low:+.2f}, {high:+.2f}] ({n} seeds)"
-                lines.append(f"| {model} | {method} | {mean_std([r['test_acc'] for r in rows], 100)} | {diff} |")
+                rows_of = {m: [r for r in transfer if r["model"] == model and r["method"] == m]
+                           for m in ("scratch", *PRETRAINED)}
+                for method, rows in rows_of.items():
+                    if not rows:
+                        continue
+                    mean, low, high, n = paired(_by_seed(rows), _by_seed(rows_of["vanilla"]))
+                    diff = "" if method == "vanilla" else f"{mean:+.2f} [{low:+.2f}, {high:+.2f}] ({n} seeds)"
+                    lines.append(f"| {model} | {method} | {mean_std([r['test_acc'] for r in rows], 100)} | {diff} |")
     return "\n".join(lines)
 
 
 # ---- cost: giant vs tiny step time, in turns -----------------------------------------------------------
 def measure_cost(model_names: list[str], settings: dict[str, Any], batch: int, rounds: int) -> list[dict[str, Any]]:
-    """Median training-step time (forward, backward, AdamW) of tiny and giant, timed in turns, and the giant's
+    """Median training-step time (forward, backward, AdamW; the thread's CPU time, which other jobs' load does not
+    inflate as it does wall time) of tiny and giant, timed in turns, and the giant's
     CPU time by operator (``torch.profiler``)."""
     rows = []
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
@@ -284,11 +349,11 @@ def measure_cost(model_names: list[str], settings: dict[str, Any], batch: int, r
         times: dict[str, list[float]] = {k: [] for k in contenders}
         for r in range(rounds + 1):  # the first round warms up
             for key in contenders:
-                start = time.perf_counter()
+                start = time.thread_time()
                 for _ in range(3):
                     step(key)
                 if r:
-                    times[key].append((time.perf_counter() - start) / 3)
+                    times[key].append((time.thread_time() - start) / 3)
         with torch.profiler.profile() as prof:
             for _ in range(3):
                 step("giant")
@@ -328,8 +393,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer", default="digits", help="fine-tuning data set ('' to skip)")
     p.add_argument("--transfer-epochs", type=int, default=10)
     p.add_argument("--transfer-batch-size", type=int, default=64)
+    p.add_argument("--transfer-labels", type=int, default=10,
+                   help="labels per class of the low-label fine-tuning protocol (0 to skip it)")
+    p.add_argument("--transfer-labels-batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=200, help="optimizer steps of an epoch (at most one pass)")
     p.add_argument("--epochs", type=int, default=1, help="epochs of a run (--steps each)")
+    p.add_argument("--curve", nargs="*", type=int, default=[],
+                   help="also train vanilla for these numbers of epochs (a learning curve: where it plateaus)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -345,6 +415,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-rounds", type=int, default=10)
     p.add_argument("--runs", default="runs/bench_boost", help="folder for the runs' checkpoints")
     p.add_argument("--results", default="benchmarks/results")
+    p.add_argument("--include", nargs="*", default=[],
+                   help="also count and tabulate the runs of these tags' logs (a vanilla run of another budget "
+                        "becomes the learning-curve row 'N epochs')")
     p.add_argument("--tag", default="", help="suffix of the result files (boost{tag}.jsonl/.md/.json)")
     return p
 
@@ -360,7 +433,8 @@ def main(argv: list[str]) -> None:
     env = {"torch": torch.__version__, "python": platform.python_version(), "device": "cpu, 1 thread"}
     if args.cost:
         rows = measure_cost(args.models, settings, args.batch_size, args.cost_rounds)
-        text = f"Giant vs tiny training step, batch {args.batch_size}, CPU 1 thread, in turns.\nCommand: {command}\n\n"
+        text = (f"Giant vs tiny training step (thread CPU time), batch {args.batch_size}, CPU 1 thread, in turns.\n"
+                f"Command: {command}\n\n")
         text += cost_table(rows)
         print(text)
         (out / f"boost{args.tag}.md").write_text(text + "\n")
@@ -369,6 +443,12 @@ def main(argv: list[str]) -> None:
         return
     log = out / f"boost{args.tag}.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    for tag in args.include:  # e.g. per-seed logs run in parallel: their runs count as done here
+        for row in map(json.loads, (out / f"boost{tag}.jsonl").read_text().splitlines()):
+            if (row["kind"] == "pretrain" and row["method"] == "vanilla" and not row["variant"]
+                    and row["steps"] != args.steps * args.epochs):  # another budget: a learning-curve row
+                row["variant"] = f"{row['steps'] // args.steps} epochs"
+            records.append(row)
     seen = {(r["kind"], r["model"], r["method"], r.get("variant", ""), r["seed"]) for r in records}
     done = {(r["model"], r["method"], r["seed"]): r for r in records
             if r["kind"] == "pretrain" and not r.get("variant")}
@@ -393,6 +473,17 @@ def main(argv: list[str]) -> None:
                        overwrite=True)  # a run killed before its record was appended is redone
     tbase = replace(base, dataset=args.transfer or "digits", epochs=args.transfer_epochs, max_steps_per_epoch=None,
                     data_dir=None, batch_size=args.transfer_batch_size)
+    protocols = [("transfer", tbase)] if args.transfer else []
+    if args.transfer and args.transfer_labels:
+        # as many steps as the full protocol: the comparison changes the labels, not the fine-tuning length
+        full_steps = args.transfer_epochs * (len(data.get_dataset(args.transfer).train) // args.transfer_batch_size)
+        low = labelled_subset(args.transfer, args.transfer_labels)
+        low_steps = len(data.get_dataset(low).train) // args.transfer_labels_batch_size
+        if low_steps == 0:
+            raise SystemExit(f"--transfer-labels-batch-size {args.transfer_labels_batch_size} exceeds the "
+                             f"{args.transfer_labels} x classes examples; lower it")
+        protocols.append(("transfer_low", replace(tbase, dataset=low, batch_size=args.transfer_labels_batch_size,
+                                                  epochs=math.ceil(full_steps / low_steps))))
     runs = Path(args.runs)
     for seed in args.seeds:
         for model in args.models:
@@ -400,6 +491,8 @@ def main(argv: list[str]) -> None:
                 plan = [("netbooster", name, variant) for name, variant in STUDY.items()]
             else:
                 plan = [(m, "", {}) for m in args.methods]
+                # learning curve: vanilla at other budgets (e.g. to find where it plateaus), variant "N epochs"
+                plan += [("vanilla", f"{e} epochs", {"epochs": e}) for e in args.curve if e != args.epochs]
             for method, variant, change in plan:
                 name = args.reference if method == "reference" else model
                 if ("pretrain", name, method, variant, seed) in seen:
@@ -407,27 +500,30 @@ def main(argv: list[str]) -> None:
                 if variant == "default" and (model, seed) in main_boost:
                     record({**main_boost[(model, seed)], "variant": variant})
                     continue
-                short = variant.split(" ")[0] if variant else ""
+                short = "-".join(variant.split(" ")[:2 if "epochs" in change else 1]) if variant else ""
                 folder = runs / f"{args.tag or 'main'}-{name}-{method}-{short}-{seed}"
-                config = replace(base, model=name, seed=seed, out=str(folder))
+                config = replace(base, model=name, seed=seed, out=str(folder), epochs=change.get("epochs", base.epochs))
                 row = run_one(config, method, {**settings, **change}, done)
                 row.update(kind="pretrain", variant=variant)
                 record(row)
                 if not variant:
                     done[(name, method, seed)] = row
-            if args.transfer and not args.study:
+            for kind, tconfig in [] if args.study else protocols:
                 for method in ("scratch", *PRETRAINED):
                     source = None if method == "scratch" else done.get((model, method, seed), {}).get("out")
-                    if ("transfer", model, method, "", seed) in seen or (method != "scratch" and source is None):
+                    if (kind, model, method, "", seed) in seen or (method != "scratch" and source is None):
                         continue
-                    row = run_transfer(replace(tbase, model=model, seed=seed), source)
-                    record({"kind": "transfer", "model": model, "method": method, "variant": "", "seed": seed, **row})
+                    row = run_transfer(replace(tconfig, model=model, seed=seed), source)
+                    if kind == "transfer_low":
+                        row.update(labels_per_class=args.transfer_labels, epochs=tconfig.epochs)
+                    record({"kind": kind, "model": model, "method": method, "variant": "", "seed": seed, **row})
     header = (
         f"NetBooster on {args.dataset}: {args.epochs} epoch(s) of {args.steps} steps, batch "
         f"{args.batch_size}, AdamW lr {args.lr} cosine, seeds {args.seeds}; ratio {args.ratio}, depth {args.depth}, "
         f"layers '{args.layers}', PLT {args.plt_start}-{args.plt_end}; KD T={args.kd_temperature}, "
         f"alpha={args.kd_alpha}; transfer: {args.transfer or 'none'} ({args.transfer_epochs} epochs, batch "
-        f"{args.transfer_batch_size}). CPU, one thread, runs in sequence; training wall of all runs "
+        f"{args.transfer_batch_size}; low-label: {args.transfer_labels} per class, batch "
+        f"{args.transfer_labels_batch_size}, as many steps). CPU, one thread; training wall of all runs "
         f"{sum(r['train_wall_s'] for r in records):.0f}s.\n"
         f"Command: {command}"
     )
