@@ -24,12 +24,14 @@ contender sees the same ones. To fit a shared 2-core CPU every run **stops at th
 so ``test_acc_at_stop`` is the full test set's accuracy at that point, not after a common training length.
 
 Timing: all runs of a phase advance in turns, one optimisation step each (run A step, run B step, ...), in
-one process, so that load from other jobs on a shared machine hits every contender alike. The training clock
-counts only forward, backward and optimizer step; every ``--eval-every`` steps the model is evaluated on a
-fixed test subset (``--eval-n`` images, the same for all) with the clock stopped, and the target counts as
-reached at the first such evaluation at or above it. Final accuracy is on the full 10k test set.
-A run stops at ``--steps`` steps or ``--cap-s`` training seconds, whichever comes first; a non-finite loss
-ends it as diverged.
+one process. The training clock is the CPU time of the (single) torch thread during forward, backward and
+optimizer step, so that other jobs on a shared machine, which stretch wall time several-fold and unevenly, do
+not enter it; on an idle machine with one thread it equals wall time, and the wall seconds are reported beside
+it. Every ``--eval-every`` steps the model is evaluated on a fixed test subset (``--eval-n`` images, the same
+for all) with the clock stopped; the target counts as reached at the first such evaluation at or above it.
+A run stops at the target, at ``--steps`` steps or at ``--cap-s`` clock seconds, and in the grid also once its
+clock passes the time another learning rate of the same contender took to the target (it can no longer be
+selected). A non-finite loss ends a run as diverged.
 
 Install heavyball into the benchmark's own folder (not the project venv; ``--no-deps`` keeps the pinned torch;
 numpy is already there, opt-einsum is needed by heavyball's PSGD einsum contractions), once::
@@ -38,8 +40,12 @@ numpy is already there, opt-einsum is needed by heavyball's PSGD einsum contract
 
 Usage::
 
-    .venv/bin/python benchmarks/precond_anchors.py --models cnn vit_tiny      # ~60 min on a loaded 2-core CPU
-    .venv/bin/python benchmarks/precond_anchors.py --models cnn --steps 50 --contenders sgd kfac   # smoke run
+    .venv/bin/python benchmarks/precond_anchors.py --models cnn vit_tiny       # every contender, both models
+    .venv/bin/python benchmarks/precond_anchors.py --models cnn --contenders kfac muon soap adamw   # one model
+    .venv/bin/python benchmarks/precond_anchors.py --models cnn --steps 4 --eval-every 2 --seeds   # smoke run
+
+Separate invocations for separate models (e.g. one process per model) fill the same result files: a write
+keeps the rows of the models it did not run. Contenders are compared only within one invocation's turns.
 
 Prints a Markdown table; writes ``benchmarks/results/precond_anchors{tag}.{csv,json,md}``.
 """
