@@ -95,9 +95,11 @@ def init_model(name, ds, ghn, bn, *, use_ghn: bool, seed: int, noise: float = 0.
     return model, seconds
 
 
-def finetune_curve(model, xtr, ytr, xte, yte, *, opt: str, lr: float, seed: int, steps: int) -> dict[int, float]:
-    """``opt`` fine-tuning for ``steps`` steps (batch 64); test accuracy at every k in KS and every 10 steps
-    (the resolution of "steps to target")."""
+def finetune_curve(
+    model, xtr, ytr, xte, yte, *, opt: str, lr: float, seed: int, steps: int, warmup: int = 0
+) -> dict[int, float]:
+    """``opt`` fine-tuning for ``steps`` steps (batch 64), the learning rate rising linearly over the first
+    ``warmup`` steps; test accuracy at every k in KS and every 10 steps (the resolution of "steps to target")."""
     if opt == "adamw":
         optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
     else:
@@ -105,6 +107,8 @@ def finetune_curve(model, xtr, ytr, xte, yte, *, opt: str, lr: float, seed: int,
     g = torch.Generator().manual_seed(seed)
     curve = {0: accuracy(model, xte, yte)}
     for step in range(1, steps + 1):
+        for group in optim.param_groups:
+            group["lr"] = lr * min(1.0, step / warmup) if warmup > 0 else lr
         model.train()
         b = torch.randint(len(ytr), (64,), generator=g)
         optim.zero_grad(set_to_none=True)
@@ -140,7 +144,7 @@ def run_dataset(name: str, ckpt: Path, args) -> dict:
         "predict_seconds": {},
     }
     # (1) zero-shot accuracy
-    groups = {s: [f"{s}:{i}" for i in range(args.archs)] for s in SPLITS}
+    groups = {s: [f"{s}:{i}" for i in range(args.archs)] for s in SPLITS} if args.archs > 0 else {}
     groups["registry"] = REGISTRY
     for group, names in groups.items():
         ghn_acc, def_acc, secs = [], [], []
@@ -170,7 +174,8 @@ def run_dataset(name: str, ckpt: Path, args) -> dict:
                             n, ds, ghn, bn, use_ghn=init == "ghn", seed=seed, noise=args.noise if init == "ghn" else 0
                         )
                         runs.append(
-                            finetune_curve(m, xtr, ytr, xte, yte, opt=opt, lr=lr, seed=seed, steps=args.ft_steps)
+                            finetune_curve(m, xtr, ytr, xte, yte, opt=opt, lr=lr, seed=seed, steps=args.ft_steps,
+                                           warmup=args.ft_warmup)
                         )
                     per[f"{opt}:{lr}"] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             grid[init] = per
@@ -347,6 +352,7 @@ def main() -> None:
     p.add_argument("--ft-optimizers", nargs="*", default=["adamw", "sgd"], choices=sorted(LRS))
     p.add_argument("--ft-seeds", type=int, default=3)
     p.add_argument("--ft-steps", type=int, default=200)
+    p.add_argument("--ft-warmup", type=int, default=0, help="linear learning-rate warm-up steps (both inits)")
     p.add_argument("--noise", type=float, default=0.05, help="GHN-init symmetry-breaking noise (fine-tuning)")
     p.add_argument("--ablations", nargs="*", default=[], help="DATASET:CKPT[,CKPT...] GHNs to compare")
     p.add_argument("--tv-timing", nargs="*", default=[], help="torchvision models to time prediction on")
