@@ -74,7 +74,7 @@ def build(name: str, ds) -> torch.nn.Module:
     return models.get_model(name, num_classes=ds.num_classes, in_shape=ds.in_shape)
 
 
-def init_model(name, ds, ghn, bn, *, use_ghn: bool, seed: int, noise: float = 0.0):
+def init_model(name, ds, ghn, bn, *, use_ghn: bool, seed: int, noise: float = 0.0, head_norm: str = "predicted"):
     """Build ``name`` (default init from ``seed``) or predict it with the GHN; re-estimate BN stats."""
     torch.manual_seed(seed)
     model = build(name, ds)
@@ -89,6 +89,7 @@ def init_model(name, ds, ghn, bn, *, use_ghn: bool, seed: int, noise: float = 0.
                 bn_batches=bn,
                 noise=noise,
                 generator=torch.Generator().manual_seed(seed),
+                head_norm=head_norm,
             )
         return model, rep.seconds
     reestimate_bn(model, bn)
@@ -171,7 +172,14 @@ def run_dataset(name: str, ckpt: Path, args) -> dict:
                     runs = []
                     for seed in range(args.ft_seeds):
                         m, _ = init_model(
-                            n, ds, ghn, bn, use_ghn=init == "ghn", seed=seed, noise=args.noise if init == "ghn" else 0
+                            n,
+                            ds,
+                            ghn,
+                            bn,
+                            use_ghn=init == "ghn",
+                            seed=seed,
+                            noise=args.noise if init == "ghn" else 0,
+                            head_norm=args.ft_head_norm,
                         )
                         runs.append(
                             finetune_curve(m, xtr, ytr, xte, yte, opt=opt, lr=lr, seed=seed, steps=args.ft_steps,
@@ -352,6 +360,12 @@ def main() -> None:
     p.add_argument("--ft-optimizers", nargs="*", default=["adamw", "sgd"], choices=sorted(LRS))
     p.add_argument("--ft-seeds", type=int, default=3)
     p.add_argument("--ft-steps", type=int, default=200)
+    p.add_argument(
+        "--ft-head-norm",
+        default="predicted",
+        choices=["predicted", "default"],
+        help="GHN init for fine-tuning: keep the predicted head or rescale it to default-init norm",
+    )
     p.add_argument("--ft-warmup", type=int, default=0, help="linear learning-rate warm-up steps (both inits)")
     p.add_argument("--noise", type=float, default=0.05, help="GHN-init symmetry-breaking noise (fine-tuning)")
     p.add_argument("--ablations", nargs="*", default=[], help="DATASET:CKPT[,CKPT...] GHNs to compare")

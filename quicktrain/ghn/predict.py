@@ -120,6 +120,7 @@ def predict_into(
     noise: float = 0.0,
     generator: torch.Generator | None = None,
     head: HeadMode = "strict",
+    head_norm: Literal["predicted", "default"] = "predicted",
     progress: bool = False,
 ) -> PredictReport:
     """Predict all parameters of ``model`` with a GHN and write them into ``model`` in place.
@@ -147,6 +148,12 @@ def predict_into(
             (the decoded chunk is tiled/sliced to ``[classes, features]`` like any tensor, GHN-2 Sec. 4);
             ``"reinit"`` predicts every other tensor and leaves the head (the parameters whose output is the
             network output) at the model's default init.
+        head_norm: ``"default"`` rescales the predicted head (the weight and bias whose output is the network
+            output) by one factor ``c`` so that the weight's norm is that of PyTorch's default init of a
+            ``Linear``/``Conv`` layer, :math:`E\\|W\\|_F^2 = \\text{out}/3`. The logits become ``c`` times the
+            predicted ones: the same predictions (argmax), less confident. A predicted head is typically
+            several times larger (10x for ``cnn`` on digits), which multiplies the gradient that reaches every
+            layer below it and makes the first SGD/Adam steps of fine-tuning throw the network off.
         progress: show a progress bar over the predicted tensors (huge models).
 
     Returns:
@@ -160,6 +167,8 @@ def predict_into(
         raise ValueError(f"noise must be >= 0, got {noise}")
     if head not in HEAD_MODES:
         raise ValueError(f"head must be one of {HEAD_MODES}, got {head!r}")
+    if head_norm not in ("predicted", "default"):
+        raise ValueError(f"head_norm must be 'predicted' or 'default', got {head_norm!r}")
     ghn = resolve_ghn(checkpoint_or_ghn)
     if example_inputs is None:
         if ghn.dataset is None:
@@ -203,6 +212,8 @@ def predict_into(
             named[name].copy_(w)
             report.predicted.append(name)
     ghn.train(was_training)
+    if head_norm == "default":
+        _rescale_head(named, [graph.param_names[i] for i in sorted(last_layer_nodes(graph)) if graph.param_names[i]])
     report.seconds = time.perf_counter() - start
     if report.unsupported:
         n = len(report.unsupported)
@@ -212,6 +223,18 @@ def predict_into(
     if bn_batches is not None and not isinstance(bn_batches, str):
         report.bn_batches = reestimate_bn(model, bn_batches)
     return report
+
+
+def _rescale_head(named: dict[str, nn.Parameter], head: list[str]) -> None:
+    """Scale the head's tensors by one factor so its weight has the default-init norm ``sqrt(out / 3)``."""
+    weights = [n for n in head if named[n].dim() >= 2]
+    if len(weights) != 1:
+        raise ValueError(f"head_norm='default' needs exactly one head weight, found {weights or 'none'}")
+    w = named[weights[0]]
+    scale = (w.shape[0] / 3) ** 0.5 / w.norm().clamp_min(1e-12)
+    with torch.no_grad():
+        for n in head:
+            named[n].mul_(scale)
 
 
 def default_checkpoint(dataset: str | None) -> Path:

@@ -125,3 +125,23 @@ def test_model_that_fails_on_the_data_shape_is_a_clear_error(ghn):
     model = get_model("tv:resnet18", num_classes=10, in_shape=(3, 32, 32))
     with pytest.raises(ValueError, match=r"inputs of shape \(1, 8, 8\)"):
         predict_into(model, ghn, bn_batches="keep")  # default example inputs: the GHN's digits shape
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp"])
+def test_head_norm_default_rescales_only_the_head_and_keeps_the_predictions(ghn, name):
+    torch.manual_seed(0)
+    kept, scaled = (models.get_model(name, num_classes=10, in_shape=(1, 8, 8)).eval() for _ in range(2))
+    predict_into(kept, ghn, bn_batches="keep")
+    predict_into(scaled, ghn, bn_batches="keep", head_norm="default")
+    a, b = dict(kept.named_parameters()), dict(scaled.named_parameters())
+    head = [n for n in a if not torch.equal(a[n], b[n])]
+    last = list(a)[-2:]  # the classifier's weight and bias are the model's last two parameters
+    assert head == last
+    weight, bias = last
+    assert b[weight].norm().item() == pytest.approx((10 / 3) ** 0.5, rel=1e-5)
+    scale = b[weight].norm() / a[weight].norm()
+    torch.testing.assert_close(b[bias], a[bias] * scale)
+    x = torch.randn(16, 1, 8, 8)
+    torch.testing.assert_close(scaled(x), kept(x) * scale, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="head_norm must be"):
+        predict_into(kept, ghn, bn_batches="keep", head_norm="small")
