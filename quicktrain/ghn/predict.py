@@ -35,6 +35,7 @@ class PredictReport:
         head: names of the classifier-head parameters left at default init (``head="reinit"``).
         seconds: wall time of tracing + prediction + writing (without BN re-estimation).
         bn_batches: number of batches used to re-estimate BatchNorm statistics.
+        head_scale: the factor the head was scaled by (``head_norm="default"``), else ``None``.
     """
 
     predicted: list[str] = field(default_factory=list)
@@ -42,6 +43,7 @@ class PredictReport:
     head: list[str] = field(default_factory=list)
     seconds: float = 0.0
     bn_batches: int = 0
+    head_scale: float | None = None
 
 
 def resolve_ghn(checkpoint_or_ghn: GHN | str | Path) -> GHN:
@@ -213,7 +215,8 @@ def predict_into(
             report.predicted.append(name)
     ghn.train(was_training)
     if head_norm == "default":
-        _rescale_head(named, [graph.param_names[i] for i in sorted(last_layer_nodes(graph)) if graph.param_names[i]])
+        outputs = [graph.param_names[i] for i in sorted(last_layer_nodes(graph)) if graph.param_names[i]]
+        report.head_scale = _rescale_head(named, outputs)
     report.seconds = time.perf_counter() - start
     if report.unsupported:
         n = len(report.unsupported)
@@ -225,16 +228,24 @@ def predict_into(
     return report
 
 
-def _rescale_head(named: dict[str, nn.Parameter], head: list[str]) -> None:
-    """Scale the head's tensors by one factor so its weight has the default-init norm ``sqrt(out / 3)``."""
+def _rescale_head(named: dict[str, nn.Parameter], head: list[str]) -> float | None:
+    """Scale the head's tensors by one factor so its weight has the default-init norm ``sqrt(out / 3)``.
+
+    Returns the factor, or ``None`` (with a warning) when the network output does not come from exactly one
+    weight (e.g. a LayerNorm after the last linear layer), where scaling the head would not scale the logits.
+    """
     weights = [n for n in head if named[n].dim() >= 2]
     if len(weights) != 1:
-        raise ValueError(f"head_norm='default' needs exactly one head weight, found {weights or 'none'}")
+        msg = f"head_norm='default': the output does not come from one layer's weight ({weights}); head kept"
+        warnings.warn(msg, stacklevel=3)
+        log.warning(msg)
+        return None
     w = named[weights[0]]
-    scale = (w.shape[0] / 3) ** 0.5 / w.norm().clamp_min(1e-12)
     with torch.no_grad():
+        scale = float((w.shape[0] / 3) ** 0.5 / w.norm().clamp_min(1e-12))
         for n in head:
             named[n].mul_(scale)
+    return scale
 
 
 def default_checkpoint(dataset: str | None) -> Path:
@@ -266,9 +277,11 @@ def initializer(
         noise: symmetry-breaking noise (see :func:`predict_into`).
 
     Returns:
-        ``init(model, example_inputs)``: predicts the parameters in place and re-estimates BatchNorm
-        statistics on ``example_inputs`` (the training loop passes its first batch), split in up to 4
-        batches, as few as 2 examples each (BatchNorm needs more than one value per channel).
+        ``init(model, example_inputs)``: predicts the parameters in place, rescales the head to default-init
+        norm (``head_norm="default"`` of :func:`predict_into`: with the predicted head, SGD at lr 0.03-0.1
+        lost the predicted network's accuracy in its first steps) and re-estimates BatchNorm statistics on
+        ``example_inputs`` (the training loop passes its first batch), split in up to 4 batches, as few as 2
+        examples each (BatchNorm needs more than one value per channel).
     """
     path = Path(checkpoint_path) if checkpoint_path else default_checkpoint(dataset)
     ghn = load_checkpoint(path)  # load (and validate) now, so a bad path fails before training starts
@@ -276,7 +289,7 @@ def initializer(
     def init(model: nn.Module, example_inputs: Tensor) -> None:
         n = max(1, min(4, len(example_inputs) // 2))
         bn = list(example_inputs.tensor_split(n)) if len(example_inputs) >= 2 else None
-        predict_into(model, ghn, example_inputs=example_inputs, bn_batches=bn, noise=noise)
+        predict_into(model, ghn, example_inputs=example_inputs, bn_batches=bn, noise=noise, head_norm="default")
 
     return init
 

@@ -114,6 +114,7 @@ def test_initializer_contract(ghn, tmp_path):
     x = torch.randn(16, 1, 8, 8)
     init(model, x)
     assert torch.isfinite(model.eval()(x)).all()
+    assert model.fc.weight.norm().item() == pytest.approx((10 / 3) ** 0.5, rel=1e-5)  # head at default norm
     assert not torch.equal(model.bn1.running_var, torch.ones_like(model.bn1.running_var))
     with pytest.raises(ValueError, match="no shipped GHN for dataset 'nope'"):
         default_checkpoint("nope")
@@ -132,7 +133,7 @@ def test_head_norm_default_rescales_only_the_head_and_keeps_the_predictions(ghn,
     torch.manual_seed(0)
     kept, scaled = (models.get_model(name, num_classes=10, in_shape=(1, 8, 8)).eval() for _ in range(2))
     predict_into(kept, ghn, bn_batches="keep")
-    predict_into(scaled, ghn, bn_batches="keep", head_norm="default")
+    report = predict_into(scaled, ghn, bn_batches="keep", head_norm="default")
     a, b = dict(kept.named_parameters()), dict(scaled.named_parameters())
     head = [n for n in a if not torch.equal(a[n], b[n])]
     last = list(a)[-2:]  # the classifier's weight and bias are the model's last two parameters
@@ -140,8 +141,16 @@ def test_head_norm_default_rescales_only_the_head_and_keeps_the_predictions(ghn,
     weight, bias = last
     assert b[weight].norm().item() == pytest.approx((10 / 3) ** 0.5, rel=1e-5)
     scale = b[weight].norm() / a[weight].norm()
+    assert report.head_scale == pytest.approx(scale.item(), rel=1e-5)
     torch.testing.assert_close(b[bias], a[bias] * scale)
     x = torch.randn(16, 1, 8, 8)
     torch.testing.assert_close(scaled(x), kept(x) * scale, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="head_norm must be"):
         predict_into(kept, ghn, bn_batches="keep", head_norm="small")
+
+
+def test_head_norm_default_keeps_a_head_whose_output_is_not_the_logits(ghn):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.LayerNorm(10))  # output: LayerNorm's scale
+    with pytest.warns(UserWarning, match="does not come from one layer's weight"):
+        report = predict_into(model, ghn, head_norm="default")
+    assert report.head_scale is None
