@@ -334,6 +334,15 @@ def _conv_patch_mean(module: nn.Conv2d, x: Tensor, ones: bool) -> tuple[Tensor, 
     return (torch.cat([out, out.new_ones(*out.shape[:-1], 1)], dim=-1) if ones else out), ho * wo
 
 
+def _conv_windows(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """The padded conv input's windows as a strided view ``[N, C, H_out, W_out, kh, kw]`` (no copy): entry
+    ``(n, c, h, w, i, j)`` is what kernel offset ``(i, j)`` of channel ``c`` sees at output position ``(h, w)``."""
+    x = _conv_pad(module, x)
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    x = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)  # n, c, h_out, w_out, ekh, ekw
+    return x[..., ::dh, ::dw] if dh > 1 or dw > 1 else x
+
+
 def _conv_patches(module: nn.Conv2d, x: Tensor, ones: bool) -> Tensor:
     """Patches of a conv input as ``[N, L, groups, Cin/groups*kh*kw (+1)]``: the columns the conv multiplies by
     its weight, in the weight's (channel, kh, kw) order, with a trailing 1 per group when ``ones``.
@@ -344,11 +353,8 @@ def _conv_patches(module: nn.Conv2d, x: Tensor, ones: bool) -> Tensor:
     positions stay innermost and the per-example, per-group products of
     :func:`~quicktrain.precond._math.kfac_factors` need no transposing copy.
     """
-    x = _conv_pad(module, x)
-    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    x = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)  # n, c, h_out, w_out, ekh, ekw
-    if dh > 1 or dw > 1:
-        x = x[..., ::dh, ::dw]
+    x = _conv_windows(module, x)
+    kh, kw = module.kernel_size
     n, c, ho, wo = x.shape[:4]
     groups = module.groups
     d = c // groups * kh * kw
@@ -371,11 +377,8 @@ def _conv_columns(module: nn.Conv2d, x: Tensor) -> Tensor:
     innermost runs are output rows (the ``[N, L, C·kh·kw]`` layout of :func:`_conv_patches` gathers runs of
     ``kw`` entries and took 3–5× longer), so that the Gram matrix of the patches is one matrix product with
     no transposing copy."""
-    x = _conv_pad(module, x)
-    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    x = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)  # n, c, h_out, w_out, ekh, ekw
-    if dh > 1 or dw > 1:
-        x = x[..., ::dh, ::dw]
+    x = _conv_windows(module, x)
+    kh, kw = module.kernel_size
     n, c, ho, wo = x.shape[:4]
     cols = x.new_empty(c, kh, kw, n, ho, wo)
     cols.copy_(x.permute(1, 4, 5, 0, 2, 3))
