@@ -220,9 +220,10 @@ def run_ablation(name: str, ckpts: list[Path], args) -> dict:
         per = [accuracy(init_model(n, ghn.dataset, ghn, bn, use_ghn=True, seed=0)[0], xte, yte) for n in nets]
         by_net = dict(zip(nets, per, strict=True))
         accs = {split: statistics.mean(by_net[f"{split}:{i}"] for i in range(args.archs)) for split in SPLITS}
+        meta = read_checkpoint(ckpt)
         out[str(ckpt)] = {
-            "command": read_checkpoint(ckpt).get("command"),
-            "steps": read_checkpoint(ckpt).get("train", {}).get("step"),
+            "command": meta.get("command"),
+            "steps": meta.get("train", {}).get("step"),
             "zero_shot": accs,
             "per_network": by_net,
         }

@@ -205,13 +205,13 @@ def _load_data(name: str):
     return get_dataset(name)
 
 
-def _load_weights(ghn: GHN, path: str | Path) -> None:
-    """Start ``ghn`` from the weights of the GHN checkpoint at ``path`` (same config and dataset)."""
-    payload = read_checkpoint(path)
+def _load_weights(ghn: GHN, payload: dict[str, Any], what: str) -> None:
+    """Load a GHN checkpoint's weights into ``ghn`` after checking its config and dataset (``what``: the
+    action the error messages name, e.g. ``resume PATH``)."""
     if GHNConfig.from_dict(payload["config"]) != ghn.config:
-        raise ValueError(f"cannot start from {path}: its GHN config differs from --size/--no-graph of this run")
+        raise ValueError(f"cannot {what}: its GHN config differs from --size/--no-graph of this run")
     if DatasetInfo.from_dict(payload["dataset"]) != ghn.dataset:
-        raise ValueError(f"cannot start from {path}: it was trained for {payload['dataset']}, not {ghn.dataset}")
+        raise ValueError(f"cannot {what}: it was trained for {payload['dataset']}, not {ghn.dataset}")
     ghn.load_state_dict(payload["state_dict"])
 
 
@@ -239,11 +239,9 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, *, resume: bool = False, c
     out = Path(out)
     if resume and out.is_file():
         payload = read_checkpoint(out)
-        if GHNConfig.from_dict(payload["config"]) != ghn.config:
-            raise ValueError(f"cannot resume {out}: its GHN config differs from --size/--no-graph of this run")
         if "optimizer" not in payload.get("train", {}):
             raise ValueError(f"cannot resume {out}: it has no training state (a shipped/final checkpoint)")
-        ghn.load_state_dict(payload["state_dict"])
+        _load_weights(ghn, payload, f"resume {out}")
         ghn.to(device)
         tr = payload["train"]
         opt.load_state_dict(tr["optimizer"])
@@ -253,7 +251,7 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, *, resume: bool = False, c
         gen.set_state(tr["rng"][rank] if rank < len(tr["rng"]) else tr["rng"][0])
         torch.set_rng_state(tr["torch_rng"])
     elif cfg.init_from:
-        _load_weights(ghn, cfg.init_from)
+        _load_weights(ghn, read_checkpoint(cfg.init_from), f"start from {cfg.init_from}")
     ghn.train()
     pool = (
         ArchPool(

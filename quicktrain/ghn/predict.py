@@ -199,8 +199,9 @@ def predict_into(
     ghn.eval()
     named = dict(model.named_parameters())
     report = PredictReport(unsupported=list(graph.unsupported))
+    outputs = [graph.param_names[i] for i in sorted(last_layer_nodes(graph)) if graph.param_names[i]]
     if head == "reinit":
-        report.head = [graph.param_names[i] for i in sorted(last_layer_nodes(graph)) if graph.param_names[i]]
+        report.head = outputs
     skip = set(report.head)
     total = sum(n is not None for n in graph.param_names)
     with torch.no_grad():
@@ -215,7 +216,6 @@ def predict_into(
             report.predicted.append(name)
     ghn.train(was_training)
     if head_norm == "default":
-        outputs = [graph.param_names[i] for i in sorted(last_layer_nodes(graph)) if graph.param_names[i]]
         report.head_scale = _rescale_head(named, outputs)
     report.seconds = time.perf_counter() - start
     if report.unsupported:
