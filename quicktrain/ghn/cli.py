@@ -54,6 +54,14 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     tr.add_argument(
         "--no-graph", action="store_true", help="ablation: mask node types, degrees and distances"
     )
+    tr.add_argument(
+        "--family-weights",
+        type=_family_weight,
+        nargs="+",
+        default=[],
+        metavar="FAMILY=W",
+        help="draw pool networks of these families W times as often (e.g. vit=3); the others weigh 1",
+    )
     tr.add_argument("--seed", type=int, default=d.seed)
     tr.add_argument("--save-every", type=int, default=d.save_every)
     tr.add_argument("--log-every", type=int, default=d.log_every)
@@ -135,9 +143,20 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     return ghn
 
 
+def _family_weight(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if sep:
+            return name, float(value)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected FAMILY=WEIGHT (e.g. vit=3), got {text!r}")
+
+
 def _train(args: argparse.Namespace) -> int:
     names = {f.name for f in fields(MetaTrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
+    values["family_weights"] = dict(args.family_weights)
     cfg = MetaTrainConfig(**values, graph_info=not args.no_graph)
     command = "quicktrain " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     summary = meta_train(cfg, args.out, resume=args.resume, command=command)

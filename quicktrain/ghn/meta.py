@@ -22,7 +22,7 @@ import os
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm import tqdm
 
-from .archs import SPLIT_SIZE, Split, build_arch
+from .archs import FAMILIES, SPLIT_SIZE, Split, build_arch
 from .checkpoint import read_checkpoint, save_checkpoint
 from .graph import Graph, model_to_graph
 from .model import GHN, DatasetInfo, GHNConfig, PreparedGraph, ghn_config, predicted_param_regularizer
@@ -62,6 +62,8 @@ class MetaTrainConfig:
     threads: int = 0  # > 0: torch.set_num_threads
     device: str = "cpu"
     init_from: str = ""  # a GHN checkpoint to start from (its weights only; a fresh optimizer and schedule)
+    # relative draw weight per architecture family in the pool (missing families weigh 1; {} = uniform draws)
+    family_weights: dict[str, float] = field(default_factory=dict)
 
 
 def lr_at(step: int, *, base: float, warmup: int, total: int, progress: float | None = None) -> float:
@@ -144,6 +146,24 @@ class ArchPool:
         if j not in self._cache:
             self._cache[j] = self._build(j)
         return self._cache[j]
+
+    def draw_weights(self, family_weights: dict[str, float]) -> torch.Tensor:
+        """Per-entry draw weights: ``family_weights[f]`` for an entry of family ``f``, 1 for the others.
+
+        Builds every entry first, so that a skipped network's replacement is weighed by its own family.
+        """
+        unknown = set(family_weights) - set(FAMILIES)
+        if unknown:
+            raise ValueError(f"unknown architecture families {sorted(unknown)}; choose from {FAMILIES}")
+        if any(not (math.isfinite(w) and w >= 0) for w in family_weights.values()) or not any(
+            family_weights.get(f, 1.0) > 0 for f in FAMILIES
+        ):
+            raise ValueError(f"family weights must be finite, >= 0 and not all 0, got {family_weights}")
+        families = [self[j][0].spec.family for j in range(self.size)]
+        weights = torch.tensor([float(family_weights.get(f, 1.0)) for f in families], dtype=torch.float64)
+        if not weights.sum() > 0:
+            raise ValueError(f"family weights {family_weights} give every network of this pool weight 0")
+        return weights
 
     def _build(self, j: int) -> tuple[torch.nn.Module, PreparedGraph]:
         example = torch.zeros(2, *self.in_shape, device=self.device)
@@ -265,6 +285,9 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, *, resume: bool = False, c
         if cfg.pool_size > 0
         else None
     )
+    if cfg.family_weights and pool is None:
+        raise ValueError("family weights need a fixed pool: set pool_size > 0 (--pool-size)")
+    draw = pool.draw_weights(cfg.family_weights) if cfg.family_weights else None
 
     def save(step: int, final: bool) -> None:
         rngs = [gen.get_state()]
@@ -299,7 +322,10 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, *, resume: bool = False, c
             group["lr"] = lr
         # sample a meta-batch of architectures and one image batch for each
         if pool is not None:
-            idx = torch.randint(len(pool), (cfg.meta_batch,), generator=gen).tolist()
+            if draw is None:
+                idx = torch.randint(len(pool), (cfg.meta_batch,), generator=gen).tolist()
+            else:
+                idx = torch.multinomial(draw, cfg.meta_batch, replacement=True, generator=gen).tolist()
             models, graphs = map(list, zip(*(pool[j] for j in idx), strict=True))
         else:
             idx = torch.randint(SPLIT_SIZE[Split.TRAIN], (cfg.meta_batch,), generator=gen).tolist()

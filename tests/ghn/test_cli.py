@@ -1,5 +1,6 @@
 """``quicktrain ghn train|predict`` through the argparse entry point."""
 
+import pytest
 import torch
 
 from quicktrain.ghn.checkpoint import read_checkpoint
@@ -17,3 +18,13 @@ def test_train_then_predict(tmp_path, capsys):
     state = torch.load(out, weights_only=True)
     assert "features.0.0.weight" in state and torch.isfinite(state["features.0.0.weight"]).all()
     assert "predicted 10 tensors of cnn" in capsys.readouterr().out
+
+
+def test_family_weights_are_parsed_stored_and_checked(tmp_path, capsys):
+    ckpt = tmp_path / "g.pt"
+    args = ["ghn", "train", "--dataset", "digits", "--steps", "1", "--meta-batch", "1", "--batch-size", "8"]
+    assert main([*args, "--pool-size", "6", "--family-weights", "vit=3", "mlp=0.5", "--out", str(ckpt)]) == 0
+    assert read_checkpoint(ckpt)["train"]["args"]["family_weights"] == {"vit": 3.0, "mlp": 0.5}
+    with pytest.raises(SystemExit):
+        main([*args, "--family-weights", "vit", "--out", str(ckpt)])
+    assert "expected FAMILY=WEIGHT (e.g. vit=3), got 'vit'" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import torch
 
 from quicktrain.ghn import GHN, DatasetInfo, build_arch, ghn_config
 from quicktrain.ghn.checkpoint import read_checkpoint
-from quicktrain.ghn.meta import MetaTrainConfig, lr_at, meta_loss, meta_train
+from quicktrain.ghn.meta import ArchPool, MetaTrainConfig, lr_at, meta_loss, meta_train
 
 SHAPE = (1, 8, 8)
 
@@ -61,3 +61,30 @@ def test_init_from_starts_at_the_given_weights_and_checks_them(tmp_path):
     assert not all(torch.equal(a[k], v) for k, v in read_checkpoint(fresh)["state_dict"].items())
     with pytest.raises(ValueError, match="config differs"):
         meta_train(MetaTrainConfig(steps=1, init_from=str(first), graph_info=False, **kw), tmp_path / "x.pt")
+
+
+def test_family_weights_draw_the_weighted_family_that_often():
+    ghn = GHN(ghn_config("T", layers=1), DatasetInfo("digits", SHAPE, 10))
+    pool = ArchPool(ghn, 12, seed=0, in_shape=SHAPE, num_classes=10)
+    families = [pool[j][0].spec.family for j in range(len(pool))]
+    target = families[0]
+    w = pool.draw_weights({target: 5.0})
+    assert w.tolist() == [5.0 if f == target else 1.0 for f in families]
+    # an independent count: the share of draws that land on the weighted family
+    share = families.count(target) * 5 / (families.count(target) * 5 + len(families) - families.count(target))
+    idx = torch.multinomial(w, 20_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    drawn = sum(families[j] == target for j in idx.tolist()) / 20_000
+    assert drawn == pytest.approx(share, abs=0.02)
+    with pytest.raises(ValueError, match="unknown architecture families"):
+        pool.draw_weights({"transformer": 2.0})
+    with pytest.raises(ValueError, match="finite, >= 0"):
+        pool.draw_weights({target: -1.0})
+    others = {f: 0.0 for f in set(families)}
+    with pytest.raises(ValueError, match="weight 0"):
+        pool.draw_weights(others)
+
+
+def test_family_weights_need_a_pool(tmp_path):
+    cfg = MetaTrainConfig(dataset="digits", steps=1, meta_batch=1, pool_size=0, family_weights={"vit": 2.0})
+    with pytest.raises(ValueError, match="need a fixed pool"):
+        meta_train(cfg, tmp_path / "x.pt")
