@@ -1,16 +1,24 @@
-"""Diagnosis: does the predicted weights' scale before BatchNorm slow fine-tuning down?
+"""Diagnosis of the late fine-tuning phase, where default init overtakes GHN init: variants of GHN init.
 
-Predicted conv weights that feed a BatchNorm are larger than default init (``cnn`` on digits: the stem 5.5x,
+``prenorm``: does the predicted weights' scale before BatchNorm slow fine-tuning down? Predicted conv weights
+that feed a BatchNorm are larger than default init (``cnn`` on digits: the stem 5.5x,
 the second conv 1.9x). BatchNorm makes the network invariant to that scale, but the gradient of a
 scale-invariant weight shrinks as ``1/||W||`` and its relative SGD step as ``1/||W||^2``, so a large predicted
 weight learns slowly. The test: fine-tune GHN init as predicted and with every pre-BatchNorm weight rescaled to
 its default-init norm (the same function after BN statistics are re-estimated), against default init, on the
-same seeds and batches; print paired differences at each k.
+same seeds and batches.
 
-    python benchmarks/ghn_prenorm.py --dataset digits
-    python benchmarks/ghn_prenorm.py --dataset fashion-mnist --grid sgd:0.03 adamw:1e-3
+``noise=E``: is it the predicted tensors' low diversity (repeated tiles, low effective rank)? GHN init with
+symmetry-breaking noise of relative std ``E`` (``predict_into(noise=E)``; 0 is the plain prediction).
 
-Writes ``benchmarks/results/ghn_prenorm-<dataset>.json``.
+Every variant is paired with the plain prediction (``noise=0``) and with default init on the same seeds and
+batches; the table gives the paired differences at each k.
+
+    python benchmarks/ghn_late.py --dataset digits --variants prenorm
+    python benchmarks/ghn_late.py --dataset fashion-mnist --grid sgd:0.03 adamw:1e-3 --variants prenorm
+    python benchmarks/ghn_late.py --dataset fashion-mnist --grid sgd:0.03 adamw:1e-3 --variants noise=0.05 noise=0.3
+
+Writes ``benchmarks/results/ghn_late-<dataset><tag>.json``.
 """
 
 from __future__ import annotations
@@ -54,6 +62,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--test-size", type=int, default=1000)
+    p.add_argument("--variants", nargs="+", default=["prenorm"], help="prenorm, noise=E")
+    p.add_argument("--tag", default="")
     args = p.parse_args()
     torch.set_num_threads(1)
     ds = get_dataset(args.dataset)
@@ -68,29 +78,31 @@ def main() -> None:
             default, _ = init_model(args.model, ds, ghn, bn, use_ghn=False, seed=seed)
             inits = {"default": default}
             inits["ghn"], _ = init_model(args.model, ds, ghn, bn, use_ghn=True, seed=seed, head_norm="default")
-            inits["ghn_rescaled"], _ = init_model(args.model, ds, ghn, bn, use_ghn=True, seed=seed, head_norm="default")
-            rescaled = rescale_before_bn(inits["ghn_rescaled"], default)
-            reestimate_bn(inits["ghn_rescaled"], bn)
+            for variant in args.variants:
+                noise = float(variant.split("=")[1]) if variant.startswith("noise=") else 0.0
+                m, _ = init_model(args.model, ds, ghn, bn, use_ghn=True, seed=seed, noise=noise, head_norm="default")
+                if variant == "prenorm":
+                    print("rescaled to default-init norm:", rescale_before_bn(m, default), flush=True)
+                    reestimate_bn(m, bn)
+                inits[variant] = m
             for kind, m in inits.items():
                 c = finetune_curve(m, xtr, ytr, xte, yte, opt=opt, lr=float(lr), seed=seed, steps=args.steps)
                 curves[f"{entry} s{seed} {kind}"] = c
-                print(entry, seed, f"{kind:13s}", " ".join(f"{k}:{c[k]:.3f}" for k in (0, *KS)), flush=True)
+                print(entry, seed, f"{kind:12s}", " ".join(f"{k}:{c[k]:.3f}" for k in (0, *KS)), flush=True)
     runs = sorted({k.rsplit(" ", 1)[0] for k in curves})
-    paired = {}
-    for k in KS:
-        d = [100 * (curves[f"{r} ghn_rescaled"][k] - curves[f"{r} ghn"][k]) for r in runs]
-        e = [100 * (curves[f"{r} ghn"][k] - curves[f"{r} default"][k]) for r in runs]
-        paired[k] = {
-            "rescaled_minus_ghn": [statistics.mean(d), statistics.stdev(d)],
-            "ghn_minus_default": [statistics.mean(e), statistics.stdev(e)],
-        }
-    print(f"\nrescaled pre-BN weights: {rescaled}")
-    print("| k | rescaled − GHN (points, mean ± sd) | GHN − default |\n|---|---|---|")
-    for k, v in paired.items():
-        a, b = v["rescaled_minus_ghn"], v["ghn_minus_default"]
-        print(f"| {k} | {a[0]:+.2f} ± {a[1]:.2f} | {b[0]:+.2f} ± {b[1]:.2f} |")
-    out = Path(__file__).resolve().parent / "results" / f"ghn_prenorm-{args.dataset}.json"
-    out.write_text(json.dumps({"args": vars(args), "rescaled": rescaled, "paired": paired, "curves": curves}, indent=1))
+
+    def paired(a: str, b: str, k: int) -> list[float]:
+        d = [100 * (curves[f"{r} {a}"][k] - curves[f"{r} {b}"][k]) for r in runs]
+        return [statistics.mean(d), statistics.stdev(d)]
+
+    table = {v: {k: paired(v, "ghn", k) for k in KS} for v in args.variants}
+    table["ghn vs default"] = {k: paired("ghn", "default", k) for k in KS}
+    print(f"\n{len(runs)} paired runs; points, mean ± sd; 'ghn' is the plain prediction (head at default norm)")
+    print("| variant − ghn | " + " | ".join(f"k={k}" for k in KS) + " |\n|---|" + "---|" * len(KS))
+    for v, row in table.items():
+        print(f"| {v} | " + " | ".join(f"{m:+.2f} ± {sd:.2f}" for m, sd in row.values()) + " |")
+    out = Path(__file__).resolve().parent / "results" / f"ghn_late-{args.dataset}{args.tag}.json"
+    out.write_text(json.dumps({"args": vars(args), "paired": table, "curves": curves}, indent=1))
 
 
 if __name__ == "__main__":
