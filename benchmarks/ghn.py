@@ -52,7 +52,7 @@ from quicktrain.ghn import (
     shipped_checkpoints,
 )
 from quicktrain.ghn.checkpoint import read_checkpoint
-from quicktrain.ghn.meta import ArchPool, meta_loss
+from quicktrain.ghn.meta import ArchPool, ghn_optimizer, meta_loss
 
 REGISTRY = ["cnn", "mlp", "resnet20", "vit_tiny", "mobilenetv2_tiny"]
 SPLITS = ["test", "deep", "wide"]
@@ -291,7 +291,10 @@ def throughput(args) -> dict:
         pool[j]
     build = (time.process_time() - t) / len(pool)
     gen = torch.Generator().manual_seed(0)
-    opts = {id(g): torch.optim.AdamW(g.parameters(), lr=1e-4) for g in (old_ghn, new_ghn)}
+    opts = {  # each contender's meta_train optimizer
+        id(old_ghn): torch.optim.AdamW(old_ghn.parameters(), lr=1e-4, weight_decay=1e-2),
+        id(new_ghn): ghn_optimizer(new_ghn, lr=1e-4, weight_decay=1e-2),
+    }
 
     def step(ghn, models, x, y, graphs=None) -> None:
         opt = opts[id(ghn)]

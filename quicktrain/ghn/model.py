@@ -264,22 +264,27 @@ class GraphormerLayer(nn.Module):
 
         ``pairs[g]``: for a small graph, its ``[N^2]`` pair buckets ``B d(i -> j) + d(j -> i)`` into the table
         ``b^{fw}[u] + b^{bw}[v]`` of all ``B^2`` pairs (:meth:`DistanceBias.pairs`): its whole bias is one
-        ``index_select``, whose backward is one ``index_add_`` (``nn.Embedding``'s dense backward sorts the
-        indices and was 20x slower on CPU here). ``None``: blocks of query rows from the sparse distances.
+        row gather, whose backward is one ``index_add_`` (``nn.Embedding``'s dense backward sorts the indices
+        and was 20x slower on CPU here), and attention is ``baddbmm``, softmax, ``bmm``: SDPA's CPU path for a
+        float mask adds a "safe softmax" (``isneginf``, ``all``, ``where`` over every score) that cost as much
+        as the softmax. Graphs get one call each: padding several into one batch was slower, as the softmax,
+        not the call, dominates. ``None``: blocks of query rows from the sparse distances.
         """
         n_all, d = h.shape
         if n_all != sum(b.n for b in biases):
             raise ValueError(f"h has {n_all} nodes but the graphs have {sum(b.n for b in biases)}")
         pairs = pairs if pairs is not None else [None] * len(biases)
-        q, k, v = self.qkv(self.ln1(h)).reshape(n_all, 3, self.heads, d // self.heads).permute(1, 2, 0, 3)
-        table = (self.sp_fw.weight.t()[:, :, None] + self.sp_bw.weight.t()[:, None, :]).flatten(1)
+        heads, dh = self.heads, d // self.heads
+        q, k, v = self.qkv(self.ln1(h)).reshape(n_all, 3, heads, dh).permute(1, 2, 0, 3)
+        table = (self.sp_fw.weight[:, None, :] + self.sp_bw.weight[None, :, :]).flatten(0, 1)  # [B^2, heads]
         parts: list[Tensor] = []
         start = 0
         for bias, pair in zip(biases, pairs, strict=True):
             qg, kg, vg = (t[:, start : start + bias.n] for t in (q, k, v))
             if pair is not None:
-                mask = table.index_select(1, pair).view(self.heads, bias.n, bias.n)
-                parts.append(F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask))
+                mask = table.index_select(0, pair).t().view(heads, bias.n, bias.n)
+                att = torch.baddbmm(mask, qg, kg.transpose(1, 2), alpha=dh**-0.5).softmax(-1)
+                parts.append(torch.bmm(att, vg))
             else:
                 for r0 in range(0, bias.n, block):
                     r1 = min(bias.n, r0 + block)
