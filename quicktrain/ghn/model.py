@@ -651,7 +651,9 @@ class GHN(nn.Module):
                     jobs = [group[conv[t][0]][1] for t in nd for _ in range(size[t])]
                     for t, w in zip(nd, self._normalize(plain, jobs).split([size[t] for t in nd]), strict=True):
                         j, a, b, o, i, kh, kw = conv[t]
-                        tiles[j][(a, b)] = w[:, :o].permute(1, 2, 0).reshape(o, i, kh, kw)
+                        # [o, i, kh, kw] in channels-last memory: what the predicted convolutions run in
+                        w = w[:, :o].transpose(0, 1).reshape(o, kh, kw, i).permute(0, 3, 1, 2)
+                        tiles[j][(a, b)] = w
                 if len(head):
                     cls = ts[len(nd) :]
                     head = self._normalize(self.decoder.classify(head), [group[conv[t][0]][1] for t in cls])
