@@ -306,9 +306,9 @@ class ConvDecoder(nn.Module):
 
     (``W_1``, ``W_2`` are 1x1 convolutions, i.e. per-position linear maps). A tile only needs the centre
     ``kh x kw`` positions of ``z`` and the ``o x i`` corner of ``T``; :meth:`forward` decodes all tiles of a
-    meta-batch at once: ``z`` for every tile, one gather of the (tile, position) rows in use, one ``W_1``,
-    and ``W_2`` once per input width ``i`` (all ``co`` output rows: slicing ``o`` as well would mean one
-    weight copy per ``(o, i)`` pair, and their gather and its backward cost more than the spare rows).
+    meta-batch at once: ``W_0`` once per kernel size (its rows for those positions), ``W_1`` once, and ``W_2``
+    once per input width ``i`` (all ``co`` output rows: slicing ``o`` as well would mean one weight copy per
+    ``(o, i)`` pair, ~38 MB per meta-batch, and that gather and its backward cost more than the spare rows).
     GHN-2's dedicated classifier predictor maps the ``out`` axis of a 1x1 tile to the class count:
     ``W_c\\,\\mathrm{ReLU}(T)`` (:meth:`classify`).
     """
@@ -400,8 +400,8 @@ class ParamJob:
     is_last: bool
     view: tuple[int, int, int, int] = (1, 1, 1, 1)  # (o, i, kh, kw) the tensor is decoded as
     scale: float = 1.0  # depth scaling of residual branch outputs (:func:`residual_branch_ends`)
-    squash: str = "linear"  # :func:`normalize_param` is ``factor / scale * squash(w)`` (:func:`norm_rule`)
-    factor: float = 1.0  # that factor times ``scale``
+    squash: str = "linear"  # the tensor is ``factor * squash(w)``: :func:`norm_rule` and ``scale`` ...
+    factor: float = 1.0  # ... (the rule's factor times ``scale``)
 
 
 @dataclass
@@ -612,7 +612,7 @@ class GHN(nn.Module):
         c = self.config
         co, ci, k, _ = c.chunk
         dev, lim = h.device, c.tile_limit
-        conv: list[tuple[int, int, int, int, int, int, int]] = []  # (j, a, b, o, i, kh, kw) of each conv tile
+        conv: list[tuple[int, int, int, int, int, int, int]] = []  # (j, a, b, o, i, kh, kw) per conv tile
         vec: list[tuple[int, int]] = []  # (j, a) of each 1-D tile
         cls_b: list[int] = []
         for j, (_, job) in enumerate(group):
@@ -663,10 +663,8 @@ class GHN(nn.Module):
             codes_1d = codes[torch.tensor([a * lim for _, a in vec], device=dev)]
             out = self._normalize(self.decoder_1d(nodes([j for j, _ in vec]) + codes_1d), [group[j][1] for j, _ in vec])
             for (j, a), w in zip(vec, out.unbind(0), strict=True):
-                o = group[j][1].view[0]
-                tiles[j][(a, 0)] = w[
-                    : min(c.chunk_1d, min(o, self._grid(group[j][1])[0] * c.chunk_1d) - a * c.chunk_1d)
-                ]
+                ob = min(group[j][1].view[0], self._grid(group[j][1])[0] * c.chunk_1d)  # decoded length
+                tiles[j][(a, 0)] = w[: min(c.chunk_1d, ob - a * c.chunk_1d)]
         if cls_b:
             if self.class_bias is None:
                 raise ValueError("this GHN has no classifier predictor (no DatasetInfo)")
@@ -688,11 +686,10 @@ class GHN(nn.Module):
         out = None
         for kind in dict.fromkeys(kinds):
             v = _SQUASH[kind](y)
-            out = (
-                v
-                if out is None
-                else torch.where(torch.tensor([q == kind for q in kinds], device=y.device).view(view), v, out)
-            )
+            if out is None:
+                out = v
+            else:
+                out = torch.where(torch.tensor([q == kind for q in kinds], device=y.device).view(view), v, out)
         gain = torch.cat([self.log_gain, self.log_gain.new_zeros(1)])  # index NUM_TYPES: no gain
         idx = torch.tensor([job.ptype.id if len(job.shape) >= 2 else NUM_TYPES for job in jobs], device=y.device)
         coef = torch.tensor([job.factor for job in jobs], dtype=y.dtype, device=y.device) * gain[idx].exp()
