@@ -9,7 +9,8 @@
 (4) prediction time per model and GHN training time (read from the checkpoints);
 (5) meta-training throughput: architecture-samples per CPU-second of this code's meta-training step (a fixed
     architecture pool, per-architecture image batches) against the code of ``--baseline-commit`` (the step of
-    issue 13's "current code": new networks built and traced every step), measured in turns in one process.
+    issue 13's "current code": new networks built and traced every step), measured in turns in one process,
+    with the floor of a step (the sampled networks' own forward and backward, parameters held fixed).
 
 Usage::
 
@@ -52,7 +53,7 @@ from quicktrain.ghn import (
     shipped_checkpoints,
 )
 from quicktrain.ghn.checkpoint import read_checkpoint
-from quicktrain.ghn.meta import ArchPool, meta_loss
+from quicktrain.ghn.meta import ArchPool, ghn_optimizer, meta_loss
 
 REGISTRY = ["cnn", "mlp", "resnet20", "vit_tiny", "mobilenetv2_tiny"]
 SPLITS = ["test", "deep", "wide"]
@@ -276,7 +277,9 @@ def throughput(args) -> dict:
     Every contender runs the full step of its ``meta_train``: sample, predict with gradients, the predicted
     networks' forward and backward, GHN backward, clipping, AdamW. The baseline builds and traces new networks
     every step (its meta-batch 2 x 32 images is what the shipped GHNs were trained with); the pool contender
-    samples from an :class:`ArchPool` built beforehand (its one-time build cost is reported separately).
+    samples from an :class:`ArchPool` built beforehand (its one-time build cost is reported separately). The
+    "networks only" rows are the floor of a pool step: ``meta_loss``'s forward and backward of the same
+    networks with parameters predicted once and held fixed (no GHN forward, backward, clipping or AdamW).
     """
     old_meta, old_model = _baseline_package(args.baseline_commit)
     data = get_dataset(args.throughput_dataset)
@@ -291,7 +294,10 @@ def throughput(args) -> dict:
         pool[j]
     build = (time.process_time() - t) / len(pool)
     gen = torch.Generator().manual_seed(0)
-    opts = {id(g): torch.optim.AdamW(g.parameters(), lr=1e-4) for g in (old_ghn, new_ghn)}
+    opts = {  # each contender's meta_train optimizer
+        id(old_ghn): torch.optim.AdamW(old_ghn.parameters(), lr=1e-4, weight_decay=1e-2),
+        id(new_ghn): ghn_optimizer(new_ghn, lr=1e-4, weight_decay=1e-2),
+    }
 
     def step(ghn, models, x, y, graphs=None) -> None:
         opt = opts[id(ghn)]
@@ -314,10 +320,24 @@ def throughput(args) -> dict:
         sel = torch.randint(len(ys), (m, b), generator=gen)
         step(new_ghn, models, list(xs[sel]), list(ys[sel]), graphs)
 
+    with torch.no_grad():
+        fixed = {id(pool[j][1]): new_ghn([pool[j][1]])[0] for j in range(len(pool))}
+
+    def predicted(graphs):  # stands in for the GHN: the fixed predictions, as leaves that take gradients
+        return [{k: w.detach().requires_grad_() for k, w in fixed[id(g)].items()} for g in graphs]
+
+    def networks(m: int, b: int) -> None:
+        idx = torch.randint(len(pool), (m,), generator=gen).tolist()
+        models, graphs = map(list, zip(*(pool[j] for j in idx), strict=True))
+        sel = torch.randint(len(ys), (m, b), generator=gen)
+        meta_loss(predicted, models, list(xs[sel]), list(ys[sel]), reg=0.0, graphs=graphs)[0].backward()
+
     contenders = {
         "baseline, meta-batch 2 x 32 images": (baseline, 2, 32),
         "pool, meta-batch 8 x 8 images": (pooled, 8, 8),
         "pool, meta-batch 8 x 32 images": (pooled, 8, 32),
+        "networks only, 8 x 8 images": (networks, 8, 8),
+        "networks only, 8 x 32 images": (networks, 8, 32),
     }
     cpu = dict.fromkeys(contenders, 0.0)
     wall = dict.fromkeys(contenders, 0.0)

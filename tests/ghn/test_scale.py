@@ -60,6 +60,21 @@ def test_blocked_attention_equals_dense_attention(block):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def test_dense_pair_attention_equals_dense_attention():
+    # small graphs: bias gathered from the pair-bucket table, baddbmm / softmax / bmm instead of SDPA
+    torch.manual_seed(0)
+    graphs = _graphs()
+    ghn = GHN(ghn_config("T")).double()
+    layer = ghn.layers[0]
+    for emb in (layer.sp_fw, layer.sp_bw):
+        torch.nn.init.normal_(emb.weight)
+    feats = [ghn.node_features(g) for g in graphs]
+    h = torch.cat([f[0] for f in feats]).double()
+    got = layer(h, [f[1] for f in feats], [f[1].pairs(ghn.config.sp_cutoff + 2) for f in feats])
+    want = _dense_layer(layer, h, graphs, ghn.config.sp_cutoff + 1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_graphs_in_a_batch_do_not_attend_to_each_other():
     torch.manual_seed(0)
     graphs = _graphs()
