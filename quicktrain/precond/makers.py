@@ -37,6 +37,7 @@ from quicktrain.precond.curvature import (
     unflatten,
 )
 from quicktrain.precond.distributed import all_reduce_mean
+from quicktrain.precond.grafting import Grafting
 from quicktrain.precond.representations import FullModel, Representation, first_nonfinite
 from quicktrain.train.hooks import unwrap
 
@@ -264,14 +265,22 @@ class CurvatureGradients:
         ignore_modules: names/types/objects whose parameters keep the plain gradient.
         unsupported: ``error`` or ``identity`` for modules of types without representation.
         seed: seed of the maker's own random generator (Monte-Carlo sampling, sketches).
+        grafting: ``none`` (default), ``sgd`` or ``adam``: layer-wise grafting
+            (:mod:`~quicktrain.precond.grafting`): each preconditioned layer's update (its weight and bias
+            together) takes the norm of the grafted method's step on that layer, ``Δ_l = ‖D_l‖/‖S_l‖ · S_l``, so
+            the preconditioner sets the direction within a layer and the grafted method the step size of each
+            layer. The parameters the maker owns but does not precondition (root-level ones such as class tokens
+            and positional embeddings, ``unsupported='identity'`` modules) take the identity direction with the
+            same norm, ``‖D‖/‖G‖ · G``; ignored modules keep the plain gradient.
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, *, method: str, reps: RepresentationMap | None,
                  full: str | None = None, fisher_type: str = "mc", n_mc_samples: int = 1,
                  damping: float = 1e-3, curvature_interval: int = 1, inverse_interval: int = 1, warmup: int = 0,
                  ema_decay: float | None = None, ignore_modules: Iterable[Any] = (), unsupported: str = "error",
-                 seed: int = 0) -> None:
+                 seed: int = 0, grafting: str = "none") -> None:
         ema_decay = 0.95 if ema_decay is None else ema_decay
+        self.grafting = Grafting(grafting)
         check_common(damping, curvature_interval, inverse_interval, warmup, ema_decay)
         loss_kind(loss_fn)
         self.fisher_type = parse_fisher_type(fisher_type)
@@ -292,6 +301,7 @@ class CurvatureGradients:
                 factory = next(f for t, f in reps.items() if isinstance(module, t))
                 self.reps[name] = factory(name, module)
         self.rng = RngState(seed)
+        self._graft_groups = self._grafting_groups(ignore_modules) if grafting != "none" else []
         self.step = 0
         self._has_curvature = False
         self._has_inverse = False
@@ -314,11 +324,26 @@ class CurvatureGradients:
                     raise FloatingPointError(f"{self.method}: inverse failed in layer {name!r} at step {t} ({e}); "
                                              "raise the damping") from e
             self._has_inverse = True
+        steps = [[self.grafting.direction(n, p.grad, t) for n, p in group] for group in self._graft_groups]
         for rep in self._all_reps():
             rep.precondition(self.damping)
+        for group, d in zip(self._graft_groups, steps, strict=True):
+            c = Grafting.scale([p.grad for _, p in group], d)
+            for _, p in group:
+                p.grad = p.grad * c
         self._check_grads(t)
         self.step += 1
         return loss.detach(), logits.detach()
+
+    def _grafting_groups(self, ignore_modules: Iterable[Any]) -> list[list[tuple[str, nn.Parameter]]]:
+        """The groups that grafting rescales together: each preconditioned module's parameters, then each other
+        parameter the maker owns on its own (its gradient is left as it is: the identity direction)."""
+        names = {id(p): n for n, p in unwrap(self.model).named_parameters()}
+        groups = [[(names[id(p)], p) for p in m.parameters(recurse=False) if p.requires_grad]
+                  for m in self.modules.values()]
+        inside = {id(p) for group in groups for _, p in group}
+        return groups + [[(n, p)] for n, p in trainable_params(unwrap(self.model), ignore_modules).items()
+                         if id(p) not in inside]
 
     def _all_reps(self) -> list:
         return [self.full] if self.full is not None else list(self.reps.values())
@@ -391,6 +416,7 @@ class CurvatureGradients:
             "rng": self.rng.state_dict(),
             "layers": {name: rep.state_dict() for name, rep in self.reps.items()},
             "full": self.full.state_dict() if self.full is not None else None,
+            "grafting": self.grafting.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -404,6 +430,8 @@ class CurvatureGradients:
             rep.load_state_dict(state["layers"][name])
         if self.full is not None:
             self.full.load_state_dict(state["full"])
+        self.grafting.load_state_dict(state.get("grafting", {}),
+                                      {n: p.device for n, p in unwrap(self.model).named_parameters()})
 
 
 class GraphMaker:

@@ -581,3 +581,61 @@ def test_kron_input_chunks_cover_the_batch_in_order(bias):
     chunks = list(batch.kron_input_chunks(max_elements=2 * 36 * (27 + bias)))  # two examples per chunk
     assert [c.shape[0] for c in chunks] == [2, 2, 1]
     torch.testing.assert_close(torch.cat(chunks), batch.kron_inputs())
+
+
+class _RootScaled(nn.Module):
+    """A Linear-LayerNorm-Linear net whose logits a root-level parameter scales, and an ignored last layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 4))
+        self.temperature = nn.Parameter(torch.ones(4))
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.body(x) * self.temperature)
+
+
+@pytest.mark.parametrize("grafting", ["sgd", "adam"])
+def test_kfac_grafting_gives_each_layer_the_grafted_norm_and_keeps_its_direction(grafting):
+    """Layer-wise grafting for the curvature makers: each layer's K-FAC direction ``S_l`` (weight and bias
+    together) takes the norm of ``D_l`` (``sgd``: the gradient; ``adam``: ``g/(√v̂+1e-8)`` with β₂ = 0.999,
+    recomputed here from the plain autograd gradients of two steps); a root-level parameter takes ``‖D‖/‖g‖·g``;
+    an ignored layer keeps the plain gradient."""
+    torch.manual_seed(0)
+    model = _RootScaled().double()
+    batches = [(torch.randn(9, 6, dtype=torch.float64), torch.randint(0, 3, (9,))) for _ in range(2)]
+    plain, ungrafted, grafted = model, copy.deepcopy(model), copy.deepcopy(model)
+    config = {"damping": LAM, "ignore_modules": ["out"]}
+    ref = precond.make("kfac", ungrafted, nn.CrossEntropyLoss(), **config)
+    mk = precond.make("kfac", grafted, nn.CrossEntropyLoss(), grafting=grafting, **config)
+    v = {}
+    for t, (x, y) in enumerate(batches):  # no parameter update: both steps see the same weights
+        for m in (plain, ungrafted, grafted):
+            m.zero_grad()
+        nn.CrossEntropyLoss()(plain(x), y).backward()
+        ref.forward_backward(x, y)
+        mk.forward_backward(x, y)
+        d = {}
+        for n, p in plain.named_parameters():
+            g = p.grad
+            v[n] = (1 - 0.999) * g**2 if t == 0 else 0.999 * v[n] + (1 - 0.999) * g**2
+            d[n] = g if grafting == "sgd" else g / ((v[n] / (1 - 0.999 ** (t + 1))).sqrt() + 1e-8)
+    s = dict(ungrafted.named_parameters())
+    g = dict(plain.named_parameters())
+    out = dict(grafted.named_parameters())
+    for layer in ("body.0", "body.1", "body.3"):
+        names = [f"{layer}.weight", f"{layer}.bias"]
+        norm_d = math.sqrt(sum(float(d[n].square().sum()) for n in names))
+        norm_s = math.sqrt(sum(float(s[n].grad.square().sum()) for n in names))
+        for n in names:
+            torch.testing.assert_close(out[n].grad, s[n].grad * (norm_d / norm_s))
+            assert not torch.allclose(out[n].grad, d[n])  # the direction is K-FAC's, not the grafted method's
+    n = "temperature"
+    torch.testing.assert_close(out[n].grad, g[n].grad * (d[n].norm() / g[n].grad.norm()))
+    for n in ("out.weight", "out.bias"):
+        torch.testing.assert_close(out[n].grad, g[n].grad)
+    state = mk.state_dict()
+    assert set(state["grafting"]) == (set(g) - {"out.weight", "out.bias"} if grafting == "adam" else set())
+    with pytest.raises(ValueError, match="grafting"):
+        precond.make("kfac", model, nn.CrossEntropyLoss(), grafting="adagrad")

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from quicktrain.precond.grafting import Grafting
 from quicktrain.precond.makers import check_common, check_method, check_unsupported, due, trainable_params
 from quicktrain.precond.registry import register
 from quicktrain.precond.representations import ema, first_nonfinite
@@ -69,19 +70,16 @@ class ShampooGradients:
         check_unsupported(unsupported)
         if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
             raise ValueError(f"block_size must be an integer >= 1 or None, got {block_size!r}")
-        if grafting not in _GRAFTING:
-            raise ValueError(f"Unknown grafting={grafting!r}; choose from {list(_GRAFTING)}")
         self.model, self.loss_fn = model, loss_fn
         self.damping, self.ema_decay, self.max_dim, self.relative_eps = damping, ema_decay, max_dim, relative_eps
         self.curvature_interval, self.inverse_interval, self.warmup = curvature_interval, inverse_interval, warmup
-        self.grafting = grafting
+        self.grafting = Grafting(grafting)
         self.params = trainable_params(unwrap(model), ignore_modules)
         self.blocks = {n: _blocks(_shape(p), block_size) for n, p in self.params.items()}
         self.axes = {n: [[i for i, sl in enumerate(b) if 1 < sl.stop - sl.start <= max_dim] for b in blocks]
                      for n, blocks in self.blocks.items()}
         self.stats: dict[str, list[dict[str, Tensor]]] = {}
         self.roots: dict[str, list[dict[str, Tensor]]] = {}
-        self.second_moment: dict[str, Tensor] = {}
         self.step = 0
 
     def forward_backward(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -100,7 +98,7 @@ class ShampooGradients:
             self._update_roots()
         for name, p in self.params.items():
             g, blocks = grads[name], self.blocks[name]
-            graft = self._graft_direction(name, g)
+            graft = self.grafting.direction(name, g, t)
             if len(blocks) == 1 and graft is None:
                 out = _contract(g, self.roots[name][0])
             else:
@@ -108,23 +106,12 @@ class ShampooGradients:
                 for idx, roots in zip(blocks, self.roots[name], strict=True):
                     s = _contract(g[idx], roots)
                     if graft is not None:  # Δ_b = ‖D_b‖/‖S_b‖ · S_b
-                        s = s * (graft[idx].norm() / s.norm().clamp_min(torch.finfo(s.dtype).tiny))
+                        s = s * Grafting.scale([s], [graft[idx]])
                     out[idx] = s
             p.grad = out.reshape(p.shape).contiguous()
         self._check(t)
         self.step += 1
         return loss.detach(), logits.detach()
-
-    def _graft_direction(self, name: str, g: Tensor) -> Tensor | None:
-        """The grafted method's step ``D`` for the whole parameter (None without grafting)."""
-        if self.grafting == "none":
-            return None
-        if self.grafting == "sgd":
-            return g
-        v = self.second_moment.get(name)
-        v = (1 - _BETA2) * g.square() if v is None else v.mul_(_BETA2).addcmul_(g, g, value=1 - _BETA2)
-        self.second_moment[name] = v
-        return g / ((v / (1 - _BETA2 ** (self.step + 1))).sqrt() + 1e-8)
 
     def _update_statistics(self, grads: dict[str, Tensor]) -> None:
         for name, g in grads.items():
@@ -164,7 +151,7 @@ class ShampooGradients:
 
     def state_dict(self) -> dict[str, Any]:
         return {"method": "shampoo", "step": self.step, "stats": self.stats, "roots": self.roots,
-                "second_moment": self.second_moment}
+                "second_moment": self.grafting.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_method(state, "shampoo")
@@ -173,11 +160,7 @@ class ShampooGradients:
         for key in ("stats", "roots"):
             setattr(self, key, {n: [{k: v.to(dev[n]) for k, v in d.items()} for d in blocks]
                                 for n, blocks in state[key].items()})
-        self.second_moment = {n: v.to(dev[n]) for n, v in state["second_moment"].items()}
-
-
-_GRAFTING = ("none", "sgd", "adam")
-_BETA2 = 0.999
+        self.grafting.load_state_dict(state["second_moment"], dev)
 
 
 def _blocks(shape: tuple[int, ...], block_size: int | None) -> list[tuple[slice, ...]]:
