@@ -83,11 +83,11 @@ LAYERS: dict[str, Callable[[str, nn.Module], bool] | None] = {
 }
 
 # Schedule study: NetBooster variants, each changing one thing from the defaults of the main table.
-# The "default" rows are the main table's netbooster runs of the same seeds when boost.jsonl has them (the runs
-# are deterministic: same config, same seed, same numbers), else they are run here.
+# The "default" rows are the main table's netbooster runs of the same seeds and PLT window when boost.jsonl has
+# them (the runs are deterministic: same config, same seed, same numbers), else they are run here.
 STUDY: dict[str, dict[str, Any]] = {
     "default": {},
-    "short giant (PLT 0.2-0.5)": {"plt_start": 0.2, "plt_end": 0.5},
+    "late PLT (0.5-0.8, the default before the 4-epoch study)": {"plt_start": 0.5, "plt_end": 0.8},
     "long giant (PLT 0.7-0.95)": {"plt_start": 0.7, "plt_end": 0.95},
     "ratio 2": {"ratio": 2.0},
     "conv layers only": {"layers": "conv"},
@@ -164,7 +164,7 @@ def run_one(config: TrainConfig, method: str, settings: dict[str, Any], done: di
         wall, cpu = result.metrics["wall"], clock.seconds
         giant = expand(models.get_model(config.model, num_classes=10, in_shape=in_shape), **boost_kwargs(settings))
         extra.update(contracted_at_step=transform.contracted_at, giant_macs=count_macs(giant, in_shape),
-                     giant_params=count_params(giant))
+                     giant_params=count_params(giant), plt=[settings["plt_start"], settings["plt_end"]])
     elif method == "vanilla_wall":
         vanilla, boosted = done[(config.model, "vanilla", config.seed)], done[(config.model, "netbooster", config.seed)]
         scale = boosted["train_cpu_s"] / vanilla["train_cpu_s"]
@@ -406,8 +406,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=4.0)
     p.add_argument("--depth", type=int, default=1)
     p.add_argument("--layers", default="narrow", choices=sorted(LAYERS))
-    p.add_argument("--plt-start", type=float, default=0.5)
-    p.add_argument("--plt-end", type=float, default=0.8)
+    p.add_argument("--plt-start", type=float, default=0.2)
+    p.add_argument("--plt-end", type=float, default=0.5)
     p.add_argument("--kd-temperature", type=float, default=4.0)
     p.add_argument("--kd-alpha", type=float, default=0.9)
     p.add_argument("--study", action="store_true", help="NetBooster schedule variants instead of the baselines")
@@ -456,7 +456,8 @@ def main(argv: list[str]) -> None:
     main_log = out / "boost.jsonl"
     main_boost = {(r["model"], r["seed"]): r for r in map(json.loads, main_log.read_text().splitlines())
                   if r["kind"] == "pretrain" and r["method"] == "netbooster" and not r["variant"]
-                  and r["steps"] == args.steps * args.epochs} if args.study and main_log.exists() else {}
+                  and r["steps"] == args.steps * args.epochs and r.get("plt") == [args.plt_start, args.plt_end]
+                  } if args.study and main_log.exists() else {}
 
     def record(row: dict[str, Any]) -> None:
         records.append(row)

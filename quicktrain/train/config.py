@@ -67,8 +67,8 @@ class TrainConfig:
     inverse_interval: int = 1
     boost: bool = False
     boost_ratio: float = 4.0
-    plt_start: float = 0.5
-    plt_end: float = 0.8
+    plt_start: float = 0.2  # NetBooster's defaults (quicktrain.boost.BoostTransform)
+    plt_end: float = 0.5
     consolidate: str | None = None
     consolidate_strength: float = 1000.0
     consolidate_curvature: str = "diag"

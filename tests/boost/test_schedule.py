@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -21,6 +22,7 @@ from quicktrain.boost import (
     set_slope,
 )
 from quicktrain.boost.export import load_final_model
+from quicktrain.compose import build_hooks
 from quicktrain.train import Hooks, TrainConfig, fit, load_checkpoint
 
 
@@ -161,3 +163,22 @@ def test_giant_trains_and_its_slope_is_in_the_state_dict() -> None:
     opt.step()
     # zero-initialised BN_2 gamma receives gradient, so the blocks leave the identity
     assert giant[1].blocks[0].bn2.weight.abs().sum() > 0
+
+
+def test_default_schedule_hands_back_the_tiny_network_at_half_the_run(tmp_path) -> None:
+    # The default (PLT from 20% to 50%, benchmarks/boost_schedule.py) contracts at T/2, so the tiny network is
+    # trained for the second half of the cosine schedule, from half the peak learning rate down; the old
+    # default contracted at 80%, where the cosine is at 9.5% of the peak. `quicktrain train --boost` (through
+    # TrainConfig) gets the same schedule as BoostTransform().
+    config = TrainConfig(dataset="digits", model="tinycnn", epochs=2, lr=3e-3, progress=False, out=str(tmp_path),
+                         max_steps_per_epoch=5, batch_size=32, eval_batch_size=500, boost=True)
+    hooks = build_hooks(config)
+    (transform,) = hooks.transforms
+    assert (transform.plt_start, transform.plt_end) == (BoostTransform().plt_start, BoostTransform().plt_end)
+    result = fit(config, hooks)
+    assert transform.contracted_at == 5 and not is_giant(result.model)
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["lr"] for r in steps if r["kind"] == "step"}
+    assert math.isclose(lr[5], 1.5e-3)  # the tiny network's first step: cosine at half the run, half the peak
+    slopes = [transform.slope_at(s, 10) for s in range(10)]
+    assert slopes[:3] == [0.0, 0.0, 0.0] and 0 < slopes[3] < slopes[4] < 1 and slopes[5:] == [1.0] * 5
