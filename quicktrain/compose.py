@@ -73,15 +73,26 @@ def _precond_factory(config: TrainConfig):
     if config.precond not in precond.list_methods():
         raise ValueError(f"Unknown preconditioner {config.precond!r}; choose from {precond.list_methods()}")
 
+    options = {"grafting": config.grafting} if config.grafting != "none" else {}
+
     def factory(model: nn.Module, loss_fn: nn.Module) -> GradientMaker:
-        return precond.make(
-            config.precond,
-            model,
-            loss_fn,
-            damping=config.damping,
-            curvature_interval=config.curvature_interval,
-            inverse_interval=config.inverse_interval,
-        )
+        try:
+            return precond.make(
+                config.precond,
+                model,
+                loss_fn,
+                damping=config.damping,
+                curvature_interval=config.curvature_interval,
+                inverse_interval=config.inverse_interval,
+                **options,
+            )
+        except TypeError as e:
+            if "grafting" not in str(e):
+                raise
+            raise ValueError(
+                f"--grafting {config.grafting} does not apply to {config.precond!r}: it sets the step size of "
+                "the curvature methods (kfac, ekfac, skfac, kbfgs, the natural-gradient family) and shampoo"
+            ) from None
 
     return factory
 

@@ -84,6 +84,8 @@ CASES = [
     (["train", "--momentum", "1.5"], ["momentum = 1.5"]),
     (["train", "--weight-decay", "-1"], ["weight_decay = -1.0"]),
     (["train", "--damping", "0"], ["damping = 0.0"]),
+    (["train", "--grafting", "rms"], ["grafting = 'rms'", "must be one of"]),
+    (["train", "--precond", "psgd", "--grafting", "adam", *QUICK], ["--grafting adam does not apply to 'psgd'"]),
     (["train", "--boost-ratio", "0"], ["boost_ratio = 0.0", "> 0"]),
     (["train", "--plt-start", "0.9", "--plt-end", "0.5"], ["plt_start", "plt_end"]),
     (["train", "--classes", ""], ["classes", "empty"]),

@@ -121,3 +121,17 @@ def test_consolidate_cannot_be_combined_with_init_or_boost(tmp_path):
     for parts in ({"init": "ghn"}, {"boost": True}):
         with pytest.raises(ValueError, match="--consolidate continues from a finished run"):
             build_hooks(dataclasses.replace(BASE, consolidate=str(tmp_path), **parts))
+
+
+def test_grafting_reaches_the_maker_and_matches_the_precond_choices():
+    from quicktrain.precond.grafting import GRAFTING
+    from quicktrain.train.config import GRAFTINGS
+
+    assert GRAFTINGS == GRAFTING
+    config = dataclasses.replace(BASE, precond="kfac", grafting="adam")
+    maker = build_hooks(config).gradients(torch.nn.Linear(4, 3), torch.nn.CrossEntropyLoss())
+    assert maker.grafting.kind == "adam"
+    plain = build_hooks(dataclasses.replace(config, grafting="none")).gradients(
+        torch.nn.Linear(4, 3), torch.nn.CrossEntropyLoss()
+    )
+    assert plain.grafting.kind == "none"

@@ -18,6 +18,7 @@ class ConfigError(ValueError):
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant")
 CURVATURES = ("diag", "kron", "unitwise")
+GRAFTINGS = ("none", "sgd", "adam")  # quicktrain.precond.grafting.GRAFTING
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class TrainConfig:
     damping: float = 1e-3
     curvature_interval: int = 1
     inverse_interval: int = 1
+    grafting: str = "none"  # layer-wise step size of "sgd" or "adam" for the preconditioner's direction
     boost: bool = False
     boost_ratio: float = 4.0
     plt_start: float = 0.2  # NetBooster's defaults (quicktrain.boost.BoostTransform)
@@ -123,6 +125,7 @@ RANGES: dict[str, Callable[[Any], str | None]] = {
     "optimizer": _one_of(OPTIMIZERS),
     "schedule": _one_of(SCHEDULES),
     "consolidate_curvature": _one_of(CURVATURES),
+    "grafting": _one_of(GRAFTINGS),
     **{name: _non_empty for name in ("dataset", "model", "classes", "out", "device", "data_dir", "init", "precond",
                                      "consolidate")},
 }
