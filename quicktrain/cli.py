@@ -107,7 +107,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     part("--curvature-interval", type=int, default=d.curvature_interval, help="steps between curvature updates")
     part("--inverse-interval", type=int, default=d.inverse_interval, help="steps between inverse updates")
     part("--grafting", default=d.grafting,
-         help="none, sgd or adam: each layer steps in the preconditioner's direction with the norm of SGD's/Adam's step")
+         help="none, sgd or adam: each layer moves in the preconditioner's direction by SGD's/Adam's step norm")
     part("--boost", action="store_true", help="NetBooster: expand, train, linearise, contract")
     part("--boost-ratio", type=float, default=d.boost_ratio,
          help="NetBooster expansion ratio r of the inserted blocks (hidden width r*C, e.g. 1.5)")
