@@ -155,10 +155,8 @@ class ArchPool:
         unknown = set(family_weights) - set(FAMILIES)
         if unknown:
             raise ValueError(f"unknown architecture families {sorted(unknown)}; choose from {FAMILIES}")
-        if any(not (math.isfinite(w) and w >= 0) for w in family_weights.values()) or not any(
-            family_weights.get(f, 1.0) > 0 for f in FAMILIES
-        ):
-            raise ValueError(f"family weights must be finite, >= 0 and not all 0, got {family_weights}")
+        if any(not (math.isfinite(w) and w >= 0) for w in family_weights.values()):
+            raise ValueError(f"family weights must be finite, >= 0, got {family_weights}")
         families = [self[j][0].spec.family for j in range(self.size)]
         weights = torch.tensor([float(family_weights.get(f, 1.0)) for f in families], dtype=torch.float64)
         if not weights.sum() > 0:
