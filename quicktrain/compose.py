@@ -86,8 +86,8 @@ def _precond_factory(config: TrainConfig):
                 inverse_interval=config.inverse_interval,
                 **options,
             )
-        except TypeError as e:
-            if "grafting" not in str(e):
+        except precond.UnknownOptionError as e:
+            if e.option != "grafting":
                 raise
             raise ValueError(
                 f"--grafting {config.grafting} does not apply to {config.precond!r}: it sets the step size of "

@@ -32,7 +32,7 @@ from quicktrain.precond.curvature import (
 from quicktrain.precond.estimate import CurvatureEstimate, compute_curvature
 from quicktrain.precond.makers import CurvatureGradients, PlainGradients
 from quicktrain.precond.methods.shampoo import ShampooGradients
-from quicktrain.precond.registry import list_methods, make, register
+from quicktrain.precond.registry import UnknownOptionError, list_methods, make, register
 from quicktrain.precond.representations import (
     Diagonal,
     KronEmbedding,
@@ -47,6 +47,7 @@ __all__ = [
     "CurvatureGradients",
     "PlainGradients",
     "ShampooGradients",
+    "UnknownOptionError",
     "list_methods",
     "make",
     "register",

@@ -47,6 +47,15 @@ def test_registry_lists_every_method_and_rejects_unknown_names():
         precond.make("adam", nn.Linear(2, 2), nn.CrossEntropyLoss())
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_names_an_option_it_does_not_take(name):
+    where = rf"the keyword arguments of quicktrain\.precond\.methods\.\w+\.{name} and \w+$"
+    with pytest.raises(precond.UnknownOptionError,
+                       match=rf"preconditioner '{name}' has no option 'dampnig'; its options are {where}") as e:
+        precond.make(name, nn.Sequential(nn.Linear(2, 2)), nn.CrossEntropyLoss(), dampnig=0.1)
+    assert e.value.option == "dampnig" and isinstance(e.value, ValueError)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_gives_finite_gradients_to_every_parameter(name, kind, zoo):
