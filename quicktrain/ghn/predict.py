@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -17,8 +16,6 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint, shipped_checkpoints
 from .graph import model_to_graph
 from .model import GHN, last_layer_nodes
-
-log = logging.getLogger(__name__)
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 HEAD_MODES = ("strict", "predict", "reinit")
@@ -222,7 +219,6 @@ def predict_into(
         n = len(report.unsupported)
         msg = f"GHN did not predict {n} parameter(s), they keep default init: {report.unsupported}"
         warnings.warn(msg, stacklevel=2)
-        log.warning(msg)
     if bn_batches is not None and not isinstance(bn_batches, str):
         report.bn_batches = reestimate_bn(model, bn_batches)
     return report
@@ -238,7 +234,6 @@ def _rescale_head(named: dict[str, nn.Parameter], head: list[str]) -> float | No
     if len(weights) != 1:
         msg = f"head_norm='default': the output does not come from one layer's weight ({weights}); head kept"
         warnings.warn(msg, stacklevel=3)
-        log.warning(msg)
         return None
     w = named[weights[0]]
     with torch.no_grad():
