@@ -1,6 +1,6 @@
 """Ablation: why K-FAC needs more steps than SOAP to the anchors' target (one seed, short runs, in turns).
 
-Each variant trains ``--steps`` steps on seed 0 at batch 128 with the anchors' data, clock and evaluation
+Each variant trains ``--steps`` steps on seed ``--seed`` (0) at batch 128 with the anchors' data, clock and evaluation
 (:mod:`precond_anchors`); none stops at the target, so every curve has the same length. Printed per variant:
 the subset accuracy every ``--eval-every`` steps, the first step at the target, ms/step; and at step
 ``--norm-step`` the per-parameter update size ``RMS(Δθ) = ‖Δθ‖/√n`` of one optimizer step (the parameter change, so
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-n", type=int, default=1000)
     ap.add_argument("--norm-step", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0, help="initial weights and batch order (the anchors' grid: 0)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     pa.CONTENDERS.update(table)
     data = pa.load(args.model, args.eval_n)
     lrs = [table[v][1] for v in args.variants]
-    runs = [pa.new_run(args.model, data, v, lr, 0, args.steps, 128) for v, lr in zip(args.variants, lrs, strict=True)]
+    runs = [pa.new_run(args.model, data, v, lr, args.seed, args.steps, 128)
+            for v, lr in zip(args.variants, lrs, strict=True)]
     norms: dict[str, dict[str, float]] = {}
     for r in runs:  # wrap each step to record one step's parameter change at --norm-step
         inner = r.step_fn

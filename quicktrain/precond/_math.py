@@ -33,6 +33,9 @@ __all__ = [
     "kron_matmul",
     "kron_per_example",
     "matrix_power",
+    "reproject_second_moment",
+    "rms_normalise",
+    "rotate",
     "smw_factor",
     "smw_solve",
 ]
@@ -377,3 +380,70 @@ def as_matrix(t: Tensor) -> Tensor:
     if t.dim() <= 1:
         return t.reshape(-1, 1)
     return t.reshape(t.shape[0], -1)
+
+
+# ------------------------------------------------------------------------ Adam in a rotated basis (SOAP)
+def rms_normalise(g: Tensor, v: Tensor | None, step: int, beta2: float, eps: float) -> tuple[Tensor, Tensor]:
+    """Adam's second-moment normalisation of ``g`` (RMSprop with Adam's bias correction; Kingma & Ba, 2015):
+
+    .. math:: v \\leftarrow \\beta_2 v + (1-\\beta_2)\\, g^2, \\qquad
+        d = \\frac{g}{\\sqrt{v / (1-\\beta_2^{t+1})} + \\epsilon}
+
+    (``v = (1-β₂) g²`` at the first step, ``t`` counted from 0).
+
+    Args:
+        g: the gradient (any shape).
+        v: its running second moment, updated in place; None at the first step.
+        step: ``t``, the number of earlier updates of ``v``.
+        beta2: ``β₂``.
+        eps: ``ε``.
+
+    Returns:
+        ``(d, v)``.
+    """
+    v = (1 - beta2) * g.square() if v is None else v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    return g / ((v / (1 - beta2 ** (step + 1))).sqrt() + eps), v
+
+
+def rotate(m: Tensor, left: Tensor | None, right: Tensor | None, back: bool = False) -> Tensor:
+    """``Q_Lᵀ M Q_R`` into an eigenbasis, or ``Q_L M Q_Rᵀ`` out of it (``back``); None is the identity.
+
+    Args:
+        m: ``[..., d_out, d_in]``.
+        left: ``[..., d_out, d_out]`` orthogonal, or None.
+        right: ``[..., d_in, d_in]`` orthogonal, or None.
+        back: rotate back to the parameter basis.
+    """
+    if left is not None:
+        m = (left if back else left.transpose(-1, -2)) @ m
+    if right is not None:
+        m = m @ (right.transpose(-1, -2) if back else right)
+    return m
+
+
+def reproject_second_moment(v: Tensor, old: tuple[Tensor | None, Tensor | None],
+                            new: tuple[Tensor | None, Tensor | None]) -> Tensor:
+    """A second moment kept per coordinate of the basis ``old = (Q_L, Q_R)``, in the basis ``new``.
+
+    Taking the second moment as diagonal in the old basis, ``diag(vec v)``, its diagonal in the new one is
+
+    .. math:: v' = (R_L \\circ R_L)^\\top\\, v\\, (R_R \\circ R_R), \\qquad R = Q_{\\text{old}}^\\top Q_{\\text{new}}
+
+    (``∘`` the entrywise product): exact for a pure permutation or sign flip of the eigenvectors (which ``eigh``
+    may return for an unchanged or slightly changed matrix), and a mix of the old entries for a rotated basis.
+    heavyball's SOAP does this with ``heavy=True``; Vyas et al. (2024) keep ``v`` as it is.
+
+    Args:
+        v: ``[..., d_out, d_in]``.
+        old: the old ``(Q_L, Q_R)`` (None: identity).
+        new: the new ``(Q_L, Q_R)``, None where ``old`` is None.
+
+    Returns:
+        ``v'`` of the shape of ``v``.
+    """
+    (old_l, old_r), (new_l, new_r) = old, new
+    if old_l is not None:
+        v = (old_l.transpose(-1, -2) @ new_l).square().transpose(-1, -2) @ v
+    if old_r is not None:
+        v = v @ (old_r.transpose(-1, -2) @ new_r).square()
+    return v
