@@ -85,14 +85,22 @@ _KEYS = {"d": ("damping", float), "c": ("curvature_interval", int), "i": ("inver
          "ema": ("ema_decay", float)}
 
 
+# heavyball's SOAP and SOLP (SOAP with LaProp's order: momentum of the normalised steps, in the rotated basis)
+_HEAVYBALL = {"soap": "SOAP", "solp": "SOLP"}
+
+
 def variant(spec: str) -> tuple[Callable[[nn.Module, float], pa.Step], float]:
-    """``NAME[,KEY=VALUE...]``: an anchors contender (``soap``, ``adamw``...) or a maker method (``kfac``,
-    ``ekfac``, ``shampoo``) with options (keys of :data:`_KEYS`, ``lr=`` and ``ln=plain``); returns
-    ``(builder, lr)``. Maker defaults: damping 0.1, curvature every 5, inverses every 20, SGD momentum."""
+    """``NAME[,KEY=VALUE...]``: an anchors contender (``adamw``...), heavyball's ``soap`` or ``solp`` (``f=``: its
+    basis refresh interval), or a maker method (``kfac``, ``kfac_soap``, ``ekfac``, ``shampoo``) with options
+    (keys of :data:`_KEYS`, ``lr=`` and ``ln=plain``); returns ``(builder, lr)``. Maker defaults: damping 0.1,
+    curvature every 5, inverses every 20, SGD momentum."""
     name, *opts = spec.split(",")
     kv = dict(o.split("=", 1) for o in opts)
     lr = float(kv.pop("lr")) if "lr" in kv else None
-    if name in pa.CONTENDERS and name not in ("kfac", "shampoo"):
+    if name in _HEAVYBALL:  # f=: the eigenbasis refresh interval (precondition_frequency, default 2)
+        options = {"precondition_frequency": int(kv.pop("f"))} if "f" in kv else {}
+        return pa._heavy(_HEAVYBALL[name], **options), lr or 3e-3
+    if name in pa.CONTENDERS and name not in precond.list_methods():
         return pa.CONTENDERS[name][0], lr or pa.CONTENDERS[name][1]
     config: dict = {"damping": 0.1, "curvature_interval": 5, "inverse_interval": 20}
     if kv.pop("ln", None) == "plain":

@@ -10,12 +10,12 @@ eigenbasis, normalised there by the running root mean square of its rotated coor
     \\Delta W = Q_G \\frac{g'}{\\sqrt{v/(1-\\beta_2^t)} + \\epsilon} Q_A^\\top
 
 Only the second moment is kept here, and the momentum is left to the ``torch.optim`` optimizer that applies
-``ΔW`` (SGD with momentum: LaProp's order, Ziyin et al. 2020, momentum of the normalised steps; heavyball ships
-it as ``SOAPLaProp``). Why: every maker leaves a gradient for any optimizer to apply, and a first moment kept
-inside would be a second momentum under SGD-momentum or Adam; a momentum kept in the parameter basis also
-needs no re-projection when the basis changes, where SOAP has to rotate its first moment ``m`` from the old
-basis to the new one. The second moment, which lives in the basis, is re-projected when the basis is refreshed
-(:func:`~quicktrain.precond._math.reproject_second_moment`).
+``ΔW`` (SGD with momentum: LaProp's order, Ziyin et al. 2020, momentum of the normalised steps; heavyball's
+``SOLP`` is SOAP in that order, its momentum in the rotated basis). Why: every maker leaves a gradient for any
+optimizer to apply, and a first moment kept inside would be a second momentum under SGD-momentum or Adam; a
+momentum kept in the parameter basis also needs no re-projection when the basis changes, where SOAP has to
+rotate its first moment ``m`` from the old basis to the new one. The second moment, which lives in the basis,
+is re-projected when the basis is refreshed (:func:`~quicktrain.precond._math.reproject_second_moment`).
 
 How this differs from EKFAC (George et al., 2018), which keeps the same eigenbasis: EKFAC divides ``g'`` by the
 Fisher's second moment of the per-example gradients plus a damping, ``g'/(S + λ)`` (a natural gradient);
