@@ -29,8 +29,8 @@ from quicktrain import precond  # noqa: E402
 
 
 def _maker_step(method: str, opt: str = "sgd", kl_clip: float | None = None, root_scale: float = 1.0,
-                **config) -> Callable[[nn.Module, float], pa.Step]:
-    """``method``'s maker writing ``F̂⁻¹g`` into ``.grad``, applied by SGD momentum 0.9 or AdamW.
+                momentum: float = 0.9, **config) -> Callable[[nn.Module, float], pa.Step]:
+    """``method``'s maker writing ``F̂⁻¹g`` into ``.grad``, applied by SGD with ``momentum`` (0.9) or AdamW.
 
     ``kl_clip``: KFAC-pytorch's trust region, every preconditioned gradient times
     ``ν = min(1, √(κ / (η² Σ gᵀF̂⁻¹g)))``; ``root_scale``: the plain gradients of the parameters outside the
@@ -51,7 +51,7 @@ def _maker_step(method: str, opt: str = "sgd", kl_clip: float | None = None, roo
 
                 rep.precondition = pre
         if opt == "sgd":
-            o = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+            o = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=5e-4)
         else:
             o = torch.optim.AdamW(model.parameters(), lr=lr)
 
@@ -82,7 +82,7 @@ def _maker_step(method: str, opt: str = "sgd", kl_clip: float | None = None, roo
 _KEYS = {"d": ("damping", float), "c": ("curvature_interval", int), "i": ("inverse_interval", int),
          "ws": ("weight_sharing", str), "fisher": ("fisher_type", str), "opt": ("opt", str),
          "kl": ("kl_clip", float), "root": ("root_scale", float), "graft": ("grafting", str),
-         "ema": ("ema_decay", float)}
+         "ema": ("ema_decay", float), "b1": ("beta1", float), "mom": ("momentum", float)}
 
 
 # heavyball's SOAP and SOLP (SOAP with LaProp's order: momentum of the normalised steps, in the rotated basis)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "adam_direction",
     "as_matrix",
     "cg_solve",
     "damped_cholesky",
@@ -34,7 +35,6 @@ __all__ = [
     "kron_per_example",
     "matrix_power",
     "reproject_second_moment",
-    "rms_normalise",
     "rotate",
     "smw_factor",
     "smw_solve",
@@ -383,26 +383,33 @@ def as_matrix(t: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------ Adam in a rotated basis (SOAP)
-def rms_normalise(g: Tensor, v: Tensor | None, step: int, beta2: float, eps: float) -> tuple[Tensor, Tensor]:
-    """Adam's second-moment normalisation of ``g`` (RMSprop with Adam's bias correction; Kingma & Ba, 2015):
+def adam_direction(g: Tensor, m: Tensor | None, v: Tensor | None, step: int, beta1: float, beta2: float,
+                   eps: float) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Adam's step direction for the gradient ``g`` (Kingma & Ba, 2015, Algorithm 1, bias-corrected):
 
-    .. math:: v \\leftarrow \\beta_2 v + (1-\\beta_2)\\, g^2, \\qquad
-        d = \\frac{g}{\\sqrt{v / (1-\\beta_2^{t+1})} + \\epsilon}
+    .. math:: m \\leftarrow \\beta_1 m + (1-\\beta_1)\\, g, \\quad v \\leftarrow \\beta_2 v + (1-\\beta_2)\\, g^2,
+        \\quad d = \\frac{m / (1-\\beta_1^{t+1})}{\\sqrt{v / (1-\\beta_2^{t+1})} + \\epsilon}
 
-    (``v = (1-β₂) g²`` at the first step, ``t`` counted from 0).
+    (``m = (1-β₁) g``, ``v = (1-β₂) g²`` at the first step, ``t`` counted from 0). ``beta1 = 0`` keeps no first
+    moment, ``d = g / (√v̂ + ε)``: RMSprop with Adam's bias correction, for a momentum applied after it.
 
     Args:
         g: the gradient (any shape).
+        m: its running first moment, updated in place; None at the first step or with ``beta1 = 0``.
         v: its running second moment, updated in place; None at the first step.
-        step: ``t``, the number of earlier updates of ``v``.
+        step: ``t``, the number of earlier updates.
+        beta1: ``β₁`` (0: no first moment).
         beta2: ``β₂``.
         eps: ``ε``.
 
     Returns:
-        ``(d, v)``.
+        ``(d, m, v)`` (``m`` None with ``beta1 = 0``).
     """
     v = (1 - beta2) * g.square() if v is None else v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    return g / ((v / (1 - beta2 ** (step + 1))).sqrt() + eps), v
+    if beta1 > 0:
+        m = (1 - beta1) * g if m is None else m.mul_(beta1).add_(g, alpha=1 - beta1)
+        g = m / (1 - beta1 ** (step + 1))
+    return g / ((v / (1 - beta2 ** (step + 1))).sqrt() + eps), m, v
 
 
 def rotate(m: Tensor, left: Tensor | None, right: Tensor | None, back: bool = False) -> Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from quicktrain.precond._math import rms_normalise
+from quicktrain.precond._math import adam_direction
 
 __all__ = ["GRAFTING", "Grafting"]
 
@@ -41,7 +41,8 @@ class Grafting:
             return None
         if self.kind == "sgd":
             return g.clone()  # the caller may overwrite g's storage with the preconditioned gradient
-        d, self.second_moment[name] = rms_normalise(g, self.second_moment.get(name), step, _BETA2, 1e-8)
+        d, _, self.second_moment[name] = adam_direction(g, None, self.second_moment.get(name), step, 0.0, _BETA2,
+                                                        1e-8)
         return d
 
     @staticmethod

@@ -71,11 +71,21 @@ def _eig_or_identity(m: torch.Tensor, max_dim: int) -> torch.Tensor:
     return torch.linalg.eigh(m).eigenvectors if m.shape[0] <= max_dim else torch.eye(m.shape[0], dtype=m.dtype)
 
 
-def _reference(model: nn.Module, batches, *, inverse_interval: int, separate: bool, max_dim: int):
+def _adam(c: torch.Tensor, st: dict, t: int, beta1: float) -> torch.Tensor:
+    """Adam (Kingma & Ba, Algorithm 1) on coordinates ``c`` with moments ``st["m"]``, ``st["v"]``; ``beta1 = 0``:
+    no first moment (the numerator is ``c``)."""
+    st["v"] = (1 - BETA2) * c**2 if "v" not in st else BETA2 * st["v"] + (1 - BETA2) * c**2
+    if beta1:
+        st["m"] = (1 - beta1) * c if "m" not in st else beta1 * st["m"] + (1 - beta1) * c
+        c = st["m"] / (1 - beta1 ** (t + 1))
+    return c / ((st["v"] / (1 - BETA2 ** (t + 1))).sqrt() + EPS)
+
+
+def _reference(model: nn.Module, batches, *, inverse_interval: int, separate: bool, max_dim: int, beta1: float):
     """The updates ``Δθ`` of each step, from the definition (empirical Fisher factors of the current batch)."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     norms = {n: m for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
-    state = {n: {} for n in (*layers, *norms)}
+    state = {n: {} for n in layers} | {f"{n}.{pn}": {} for n, m in norms.items() for pn, _ in m.named_parameters()}
     steps = []
     for t, (x, y) in enumerate(batches):
         rec = {}
@@ -102,24 +112,22 @@ def _reference(model: nn.Module, batches, *, inverse_interval: int, separate: bo
                     q_r = torch.block_diag(q_r, torch.ones(1, 1, dtype=q_r.dtype))
                 # vec(Q_Lᵀ M Q_R) = (Q_R ⊗ Q_L)ᵀ vec(M), columns stacked
                 basis = torch.kron(q_r.contiguous(), q_l.contiguous())
-                if "v" in st:  # the old diagonal second moment, expressed in the new basis
+                if "v" in st:  # the old diagonal second moment, expressed in the new basis; the first moment rotated
                     rot = basis.T @ st["basis"]
                     st["v"] = torch.diagonal(rot @ torch.diag(st["v"]) @ rot.T).clone()
+                    if "m" in st:
+                        st["m"] = rot @ st["m"]
                 st["basis"] = basis
             w = m.weight.grad.reshape(m.weight.shape[0], -1)
             mat = w if m.bias is None else torch.cat([w, m.bias.grad[:, None]], dim=1)
             c = st["basis"].T @ mat.T.reshape(-1)
-            st["v"] = (1 - BETA2) * c**2 if "v" not in st else BETA2 * st["v"] + (1 - BETA2) * c**2
-            d = (st["basis"] @ (c / ((st["v"] / (1 - BETA2 ** (t + 1))).sqrt() + EPS))).reshape(mat.shape[1], -1).T
+            d = (st["basis"] @ _adam(c, st, t, beta1)).reshape(mat.shape[1], -1).T
             delta[f"{name}.weight"] = d[:, : w.shape[1]].reshape(m.weight.shape)
             if m.bias is not None:
                 delta[f"{name}.bias"] = d[:, -1]
         for name, m in norms.items():  # Adam in the parameter basis
             for pn, p in m.named_parameters():
-                v = state[name].get(pn)
-                v = (1 - BETA2) * p.grad**2 if v is None else BETA2 * v + (1 - BETA2) * p.grad**2
-                state[name][pn] = v
-                delta[f"{name}.{pn}"] = p.grad / ((v / (1 - BETA2 ** (t + 1))).sqrt() + EPS)
+                delta[f"{name}.{pn}"] = _adam(p.grad, state[f"{name}.{pn}"], t, beta1)
         with torch.no_grad():
             for pn, p in model.named_parameters():
                 p -= LR * delta[pn]
@@ -127,19 +135,20 @@ def _reference(model: nn.Module, batches, *, inverse_interval: int, separate: bo
     return steps
 
 
-@pytest.mark.parametrize(("kind", "separate", "max_dim"), [("mlp", False, 2048), ("mlp", True, 2048),
-                                                           ("mlp", False, 5), ("cnn", False, 2048),
-                                                           ("attn", False, 2048)])
-def test_kfac_soap_is_adam_in_the_eigenbasis_of_the_kfac_factors(kind, separate, max_dim):
+@pytest.mark.parametrize(("kind", "separate", "max_dim", "beta1"), [
+    ("mlp", False, 2048, 0.0), ("mlp", True, 2048, 0.0), ("mlp", False, 5, 0.0), ("cnn", False, 2048, 0.0),
+    ("attn", False, 2048, 0.0), ("cnn", False, 2048, 0.8), ("attn", False, 2048, 0.8)])
+def test_kfac_soap_is_adam_in_the_eigenbasis_of_the_kfac_factors(kind, separate, max_dim, beta1):
     """Four steps, bases refreshed at steps 0 and 2 (``inverse_interval=2``): every parameter's update equals
-    the reference's. ``max_dim=5`` leaves the second MLP layer's 6-dimensional input side unrotated."""
+    the reference's. ``max_dim=5`` leaves the second MLP layer's 6-dimensional input side unrotated;
+    ``beta1 > 0`` keeps Adam's first moment in the basis (rotated with it at the refresh)."""
     model = _model(kind)
     ref_model = copy.deepcopy(model)
     batches = _batches(kind)
     maker = precond.make("kfac_soap", model, nn.CrossEntropyLoss(), fisher_type="emp", ema_decay=0.0,
-                         curvature_interval=1, inverse_interval=2, beta2=BETA2, eps=EPS, max_dim=max_dim,
-                         bias="separate" if separate else "augment")
-    expected = _reference(ref_model, batches, inverse_interval=2, separate=separate, max_dim=max_dim)
+                         curvature_interval=1, inverse_interval=2, beta1=beta1, beta2=BETA2, eps=EPS,
+                         max_dim=max_dim, bias="separate" if separate else "augment")
+    expected = _reference(ref_model, batches, inverse_interval=2, separate=separate, max_dim=max_dim, beta1=beta1)
     for t, ((x, y), delta) in enumerate(zip(batches, expected, strict=True)):
         model.zero_grad()
         maker.forward_backward(x, y)
@@ -157,7 +166,7 @@ def test_kfac_soap_state_dict_round_trip_resumes_identically():
     """The bases, the second moments and their step counts are in ``state_dict()``: a maker restored after two
     steps gives the same updates as the one that ran on (refreshes at steps 0 and 2, a moving average)."""
     batches = _batches("attn")
-    config = {"curvature_interval": 1, "inverse_interval": 2}
+    config = {"curvature_interval": 1, "inverse_interval": 2, "beta1": 0.9}
     model = _model("attn")
     resumed_model = copy.deepcopy(model)
     straight = precond.make("kfac_soap", model, nn.CrossEntropyLoss(), **config)
@@ -168,7 +177,7 @@ def test_kfac_soap_state_dict_round_trip_resumes_identically():
             for p in model.parameters():
                 p -= LR * p.grad
     state = copy.deepcopy(straight.state_dict())
-    assert set(state["layers"]["qkv"]) == {"A", "G", "QL", "QR", "V", "adam_step"}
+    assert set(state["layers"]["qkv"]) == {"A", "G", "QL", "QR", "M", "V", "adam_step"}
     assert state["layers"]["qkv"]["adam_step"] == 2 and set(state["layers"]["norm"]["V"]) == {"weight", "bias"}
     resumed_model.load_state_dict(model.state_dict())
     resumed = precond.make("kfac_soap", resumed_model, nn.CrossEntropyLoss(), **config)
@@ -183,6 +192,6 @@ def test_kfac_soap_state_dict_round_trip_resumes_identically():
 
 def test_kfac_soap_refuses_bad_options():
     model = _model("mlp")
-    for key, value in (("beta2", 1.0), ("eps", 0.0), ("max_dim", 0)):
+    for key, value in (("beta1", -0.1), ("beta2", 1.0), ("eps", 0.0), ("max_dim", 0)):
         with pytest.raises(ValueError, match=key):
             precond.make("kfac_soap", model, nn.CrossEntropyLoss(), **{key: value})

@@ -23,9 +23,9 @@ __all__ = ["kfac_soap"]
 
 
 @register("kfac_soap")
-def kfac_soap(model: nn.Module, loss_fn: nn.Module, *, beta2: float = 0.95, eps: float = 1e-8, max_dim: int = 2048,
-              bias: str = "augment", weight_sharing: str = "expand", statistics_fraction: float = 1.0,
-              fisher_type: str = "mc", **config: Any) -> CurvatureGradients:
+def kfac_soap(model: nn.Module, loss_fn: nn.Module, *, beta1: float = 0.0, beta2: float = 0.95, eps: float = 1e-8,
+              max_dim: int = 2048, bias: str = "augment", weight_sharing: str = "expand",
+              statistics_fraction: float = 1.0, fisher_type: str = "mc", **config: Any) -> CurvatureGradients:
     """Adam in the K-FAC eigenbasis: ``ΔW = Q_G (g'/(√v̂+ε)) Q_Aᵀ``, ``g' = Q_Gᵀ ∇W Q_A``.
 
     The K-FAC factors are refreshed every ``curvature_interval`` steps (moving average ``ema_decay``), their
@@ -38,6 +38,9 @@ def kfac_soap(model: nn.Module, loss_fn: nn.Module, *, beta2: float = 0.95, eps:
     Args:
         model: the model.
         loss_fn: the loss.
+        beta1: ``β₁`` of a first moment kept in the rotated basis as SOAP keeps it (re-projected exactly when the
+            basis changes; then apply with momentum-free SGD); 0 (default) keeps none, for the optimizer's
+            momentum (LaProp's order).
         beta2: ``β₂`` of the second moment (SOAP's default, 0.95).
         eps: Adam's ``ε``.
         max_dim: factors of a larger dimension are not computed and their side keeps the identity basis
@@ -48,8 +51,8 @@ def kfac_soap(model: nn.Module, loss_fn: nn.Module, *, beta2: float = 0.95, eps:
         fisher_type: ``mc`` (default), ``emp`` or ``exact``: the curvature whose factors give the basis.
         **config: common options.
     """
-    reps = type_map(partial(KronEigenAdam, beta2=beta2, eps=eps, max_dim=max_dim, bias=bias,
-                            weight_sharing=weight_sharing, statistics_fraction=statistics_fraction),
-                    partial(EmbeddingEigenAdam, beta2=beta2, eps=eps, max_dim=max_dim),
-                    partial(ParamAdam, beta2=beta2, eps=eps))
+    adam = {"beta1": beta1, "beta2": beta2, "eps": eps}
+    reps = type_map(partial(KronEigenAdam, **adam, max_dim=max_dim, bias=bias, weight_sharing=weight_sharing,
+                            statistics_fraction=statistics_fraction),
+                    partial(EmbeddingEigenAdam, **adam, max_dim=max_dim), partial(ParamAdam, **adam))
     return CurvatureGradients(model, loss_fn, method="kfac_soap", reps=reps, fisher_type=fisher_type, **config)

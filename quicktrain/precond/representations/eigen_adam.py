@@ -9,13 +9,15 @@ eigenbasis, normalised there by the running root mean square of its rotated coor
     g' = Q_G^\\top g\\, Q_A, \\qquad v \\leftarrow \\beta_2 v + (1-\\beta_2)\\, g'^2, \\qquad
     \\Delta W = Q_G \\frac{g'}{\\sqrt{v/(1-\\beta_2^t)} + \\epsilon} Q_A^\\top
 
-Only the second moment is kept here, and the momentum is left to the ``torch.optim`` optimizer that applies
-``ΔW`` (SGD with momentum: LaProp's order, Ziyin et al. 2020, momentum of the normalised steps; heavyball's
-``SOLP`` is SOAP in that order, its momentum in the rotated basis). Why: every maker leaves a gradient for any
-optimizer to apply, and a first moment kept inside would be a second momentum under SGD-momentum or Adam; a
-momentum kept in the parameter basis also needs no re-projection when the basis changes, where SOAP has to
-rotate its first moment ``m`` from the old basis to the new one. The second moment, which lives in the basis,
-is re-projected when the basis is refreshed (:func:`~quicktrain.precond._math.reproject_second_moment`).
+By default (``beta1 = 0``) only the second moment is kept here, and the momentum is left to the ``torch.optim``
+optimizer that applies ``ΔW`` (SGD with momentum: LaProp's order, Ziyin et al. 2020, momentum of the
+normalised steps; heavyball's ``SOLP`` is SOAP in that order, its momentum in the rotated basis). Why: every
+maker leaves a gradient for any optimizer to apply, and a first moment kept inside would be a second momentum
+under SGD-momentum or Adam; a momentum kept in the parameter basis also needs no re-projection when the basis
+changes. ``beta1 > 0`` keeps Adam's first moment ``m`` of ``g'`` as SOAP does (numerator ``m̂`` instead of
+``g'``; apply the result with momentum-free SGD), rotated exactly into a refreshed basis,
+``m ← Q_{G,new}ᵀ Q_{G,old} m Q_{A,old}ᵀ Q_{A,new}``. The second moment, which lives in the basis, is
+re-projected when the basis is refreshed (:func:`~quicktrain.precond._math.reproject_second_moment`).
 
 How this differs from EKFAC (George et al., 2018), which keeps the same eigenbasis: EKFAC divides ``g'`` by the
 Fisher's second moment of the per-example gradients plus a damping, ``g'/(S + λ)`` (a natural gradient);
@@ -34,7 +36,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
-from quicktrain.precond._math import eigh_float64, reproject_second_moment, rms_normalise, rotate
+from quicktrain.precond._math import adam_direction, eigh_float64, reproject_second_moment, rotate
 from quicktrain.precond.capture import LayerBatch
 from quicktrain.precond.representations.base import Representation
 from quicktrain.precond.representations.kron import (
@@ -48,10 +50,11 @@ from quicktrain.precond.representations.kron import (
 __all__ = ["EmbeddingEigenAdam", "KronEigenAdam", "ParamAdam", "check_adam"]
 
 
-def check_adam(beta2: float, eps: float, max_dim: int = 1) -> None:
-    """Raise ``ValueError`` naming the bad value of Adam's ``β₂``, ``ε`` or the largest rotated dimension."""
-    if not 0.0 <= beta2 < 1.0:
-        raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
+def check_adam(beta1: float, beta2: float, eps: float, max_dim: int = 1) -> None:
+    """Raise ``ValueError`` naming the bad value of Adam's ``β₁``, ``β₂``, ``ε`` or the largest rotated dimension."""
+    for key, beta in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"{key} must be in [0, 1), got {beta}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     if not isinstance(max_dim, int) or max_dim < 1:
@@ -65,25 +68,29 @@ def _basis(factor: Tensor | None) -> Tensor | None:
 
 class _EigenAdam:
     """The solver state shared by the rotated representations: the bases ``QL`` (left, the output side) and
-    ``QR`` (right, the input side; None: identity), the second moment ``V`` of the rotated gradient and the
-    number of its updates ``adam_step``."""
+    ``QR`` (right, the input side; None: identity), the first and second moments ``M`` (None with
+    ``beta1 = 0``) and ``V`` of the rotated gradient and the number of their updates ``adam_step``."""
 
     QL: Tensor | None
     QR: Tensor | None
+    M: Tensor | None
     V: Tensor | None
     adam_step: int
 
-    def _init_adam(self, beta2: float, eps: float, max_dim: int) -> None:
-        check_adam(beta2, eps, max_dim)
-        self.beta2, self.eps, self.adam_step = beta2, eps, 0
+    def _init_adam(self, beta1: float, beta2: float, eps: float, max_dim: int) -> None:
+        check_adam(beta1, beta2, eps, max_dim)
+        self.beta1, self.beta2, self.eps, self.adam_step = beta1, beta2, eps, 0
 
     def _refresh(self, ql: Tensor | None, qr: Tensor | None) -> None:
         if self.V is not None:  # the second moment follows its coordinates into the new basis
             self.V = reproject_second_moment(self.V, (self.QL, self.QR), (ql, qr))
+        if self.M is not None:  # the first moment is a matrix in the basis: rotated exactly
+            self.M = rotate(rotate(self.M, self.QL, self.QR, back=True), ql, qr)
         self.QL, self.QR = ql, qr
 
     def _step(self, mat: Tensor) -> Tensor:
-        d, self.V = rms_normalise(rotate(mat, self.QL, self.QR), self.V, self.adam_step, self.beta2, self.eps)
+        d, self.M, self.V = adam_direction(rotate(mat, self.QL, self.QR), self.M, self.V, self.adam_step,
+                                           self.beta1, self.beta2, self.eps)
         self.adam_step += 1
         return rotate(d, self.QL, self.QR, back=True)
 
@@ -103,20 +110,22 @@ class KronEigenAdam(_EigenAdam, KronFactored):
     Args:
         name: module name.
         module: ``nn.Linear`` (attention projections included) or ``nn.Conv2d``.
+        beta1: ``β₁`` of the first moment (0: none, the optimizer's momentum applies).
         beta2: ``β₂`` of the second moment.
         eps: ``ε``.
         max_dim: a factor of a larger dimension is not kept and its side is not rotated.
         bias, weight_sharing, statistics_fraction: as in ``KronFactored``.
     """
 
-    _state = ("A", "G", "QL", "QR", "V", "adam_step")
+    _state = ("A", "G", "QL", "QR", "M", "V", "adam_step")
     UA = None  # KronFactored's low-rank rows, read by its input-factor update: never kept here
 
-    def __init__(self, name: str, module: nn.Module, beta2: float = 0.95, eps: float = 1e-8, max_dim: int = 2048,
-                 bias: str = "augment", weight_sharing: str = "expand", statistics_fraction: float = 1.0) -> None:
+    def __init__(self, name: str, module: nn.Module, beta1: float = 0.0, beta2: float = 0.95, eps: float = 1e-8,
+                 max_dim: int = 2048, bias: str = "augment", weight_sharing: str = "expand",
+                 statistics_fraction: float = 1.0) -> None:
         super().__init__(name, module, bias=bias, weight_sharing=weight_sharing, low_rank=False,
                          statistics_fraction=statistics_fraction)
-        self._init_adam(beta2, eps, max_dim)
+        self._init_adam(beta1, beta2, eps, max_dim)
         d_out, d_in = kron_dims(module, with_bias=not self.separate)
         self.rotate_out, self.rotate_in = d_out <= max_dim, d_in <= max_dim
 
@@ -144,13 +153,13 @@ class EmbeddingEigenAdam(_EigenAdam, KronEmbedding):
     (``g' = g Q_G``), and its input factor is diagonal (token counts), so the rows keep the identity basis,
     ``QL = I``. Factors as in ``KronEmbedding``."""
 
-    _state = ("A", "G", "QR", "V", "adam_step")
+    _state = ("A", "G", "QR", "M", "V", "adam_step")
     QL = None
 
-    def __init__(self, name: str, module: nn.Module, beta2: float = 0.95, eps: float = 1e-8,
+    def __init__(self, name: str, module: nn.Module, beta1: float = 0.0, beta2: float = 0.95, eps: float = 1e-8,
                  max_dim: int = 2048) -> None:
         super().__init__(name, module)
-        self._init_adam(beta2, eps, max_dim)
+        self._init_adam(beta1, beta2, eps, max_dim)
         self.rotate_out = module.embedding_dim <= max_dim
 
     def update_inverse(self, damping: float) -> None:
@@ -161,15 +170,17 @@ class EmbeddingEigenAdam(_EigenAdam, KronEmbedding):
 
 
 class ParamAdam(Representation):
-    """Adam's second-moment normalisation in the parameter basis, for layers without Kronecker structure
-    (normalisation layers): ``Δθ = g / (√(v/(1-β₂^t)) + ε)`` per parameter. It keeps no curvature."""
+    """Adam in the parameter basis, for layers without Kronecker structure (normalisation layers):
+    ``Δθ = g / (√v̂ + ε)`` per parameter (``m̂ / (√v̂ + ε)`` with ``beta1 > 0``). It keeps no curvature."""
 
-    _state = ("V", "adam_step")
+    _state = ("M", "V", "adam_step")
 
-    def __init__(self, name: str, module: nn.Module, beta2: float = 0.95, eps: float = 1e-8) -> None:
+    def __init__(self, name: str, module: nn.Module, beta1: float = 0.0, beta2: float = 0.95,
+                 eps: float = 1e-8) -> None:
         super().__init__(name, module)
-        check_adam(beta2, eps)
-        self.beta2, self.eps, self.adam_step, self.V = beta2, eps, 0, {}  # V: {parameter name: second moment}
+        check_adam(beta1, beta2, eps)
+        self.beta1, self.beta2, self.eps, self.adam_step = beta1, beta2, eps, 0
+        self.M, self.V = {}, {}  # {parameter name: moment}
 
     def update(self, batch: LayerBatch, decay: float) -> None:
         """No statistics: the second moment is the gradient's, updated in :meth:`precondition`."""
@@ -179,5 +190,6 @@ class ParamAdam(Representation):
 
     def precondition(self, damping: float) -> None:
         for n, g in self.grads().items():
-            self.params[n].grad, self.V[n] = rms_normalise(g, self.V.get(n), self.adam_step, self.beta2, self.eps)
+            self.params[n].grad, self.M[n], self.V[n] = adam_direction(g, self.M.get(n), self.V.get(n), self.adam_step,
+                                                                       self.beta1, self.beta2, self.eps)
         self.adam_step += 1
