@@ -10,6 +10,12 @@ Contenders, on fashion-mnist at batch 128, one torch thread:
   both under SGD momentum 0.9. Their grafted step has Adam's per-coordinate scale and SGD momentum 0.9 adds up
   about ``1/(1-0.9) = 10`` of them, so their default rate is SOAP's ``3e-3`` over 10; ``kfac_graft_d1e-3`` is
   ``kfac_graft`` at damping 1e-3 (with grafting the damping no longer sets the step size);
+* ``kfac_soap_graft`` — ``make("kfac_soap", ..., grafting="adam")``: Adam's second-moment normalisation in the
+  eigenbasis of the K-FAC factors (SOAP's solver on K-FAC's curvature; curvature every 5 steps, eigenbases every
+  20, β₂ = 0.95, ε = 1e-8) under SGD momentum 0.9; its step has Adam's per-coordinate scale, so its default
+  rate is the grafted ones' ``3e-4``. Adam grafting gives the class token and positional embedding, which no
+  representation covers, RMSprop's step size instead of the plain gradient's (chosen on ``vit_tiny`` seed 3,
+  which the anchors do not use: ``precond_anchors_ablate.py --seed 3``);
 * ``muon`` — ``torch.optim.Muon`` (torch 2.14.1) on the 2-D hidden weights, ``torch.optim.AdamW`` on the rest
   (convolutions, biases, norms, embeddings and the classifier head), as its documentation recommends; with
   ``adjust_lr_fn="match_rms_adamw"`` (update RMS matched to AdamW's, ``γ ← 0.2·γ·√max(A, B)``; Liu et al. 2025)
@@ -182,9 +188,11 @@ def _muon_conv(model: nn.Module, lr: float) -> Step:
     return step
 
 
-def _heavy(name: str) -> Callable[[nn.Module, float], Step]:
+def _heavy(name: str, **options: float) -> Callable[[nn.Module, float], Step]:
+    """heavyball's optimizer ``name`` with its defaults, or ``options`` (the ablation's variants)."""
+
     def build(model: nn.Module, lr: float) -> Step:
-        return _plain(model, [getattr(_heavyball(), name)(model.parameters(), lr=lr)])
+        return _plain(model, [getattr(_heavyball(), name)(model.parameters(), lr=lr, **options)])
 
     return build
 
@@ -198,6 +206,8 @@ CONTENDERS: dict[str, tuple[Callable[[nn.Module, float], Step], float]] = {
     # direction (at 0.1 the factors' damping is 3-21x their mean eigenvalue); chosen from the vit_tiny ablation
     "kfac_graft_d1e-3": (_preconditioned("kfac", damping=1e-3, curvature_interval=5, inverse_interval=20,
                                          grafting="adam"), 3e-4),
+    "kfac_soap_graft": (_preconditioned("kfac_soap", curvature_interval=5, inverse_interval=20, grafting="adam"),
+                        3e-4),
     "shampoo": (_preconditioned("shampoo", damping=1e-12, curvature_interval=1, inverse_interval=20,
                                 grafting="adam"), 3e-4),
     "muon": (_muon, 1e-3),
@@ -212,7 +222,8 @@ CONTENDERS: dict[str, tuple[Callable[[nn.Module, float], Step], float]] = {
         0.1,
     ),
 }
-QUICKTRAIN = ("kfac", "kfac_graft", "kfac_graft_d1e-3", "shampoo")  # the quicktrain methods; the rest are the anchors
+# the quicktrain methods; the rest are the anchors
+QUICKTRAIN = ("kfac", "kfac_graft", "kfac_graft_d1e-3", "kfac_soap_graft", "shampoo")
 # the issue's bar: best quicktrain ≥ 1.25× sooner than the best of these
 ANCHORS_JUDGED = ("adamw", "muon", "muon_conv", "soap")
 

@@ -1,6 +1,6 @@
 """Ablation: why K-FAC needs more steps than SOAP to the anchors' target (one seed, short runs, in turns).
 
-Each variant trains ``--steps`` steps on seed 0 at batch 128 with the anchors' data, clock and evaluation
+Each variant trains ``--steps`` steps on seed ``--seed`` (0) at batch 128 with the anchors' data, clock and evaluation
 (:mod:`precond_anchors`); none stops at the target, so every curve has the same length. Printed per variant:
 the subset accuracy every ``--eval-every`` steps, the first step at the target, ms/step; and at step
 ``--norm-step`` the per-parameter update size ``RMS(Δθ) = ‖Δθ‖/√n`` of one optimizer step (the parameter change, so
@@ -29,8 +29,8 @@ from quicktrain import precond  # noqa: E402
 
 
 def _maker_step(method: str, opt: str = "sgd", kl_clip: float | None = None, root_scale: float = 1.0,
-                **config) -> Callable[[nn.Module, float], pa.Step]:
-    """``method``'s maker writing ``F̂⁻¹g`` into ``.grad``, applied by SGD momentum 0.9 or AdamW.
+                momentum: float = 0.9, **config) -> Callable[[nn.Module, float], pa.Step]:
+    """``method``'s maker writing ``F̂⁻¹g`` into ``.grad``, applied by SGD with ``momentum`` (0.9) or AdamW.
 
     ``kl_clip``: KFAC-pytorch's trust region, every preconditioned gradient times
     ``ν = min(1, √(κ / (η² Σ gᵀF̂⁻¹g)))``; ``root_scale``: the plain gradients of the parameters outside the
@@ -51,7 +51,7 @@ def _maker_step(method: str, opt: str = "sgd", kl_clip: float | None = None, roo
 
                 rep.precondition = pre
         if opt == "sgd":
-            o = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+            o = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=5e-4)
         else:
             o = torch.optim.AdamW(model.parameters(), lr=lr)
 
@@ -82,17 +82,25 @@ def _maker_step(method: str, opt: str = "sgd", kl_clip: float | None = None, roo
 _KEYS = {"d": ("damping", float), "c": ("curvature_interval", int), "i": ("inverse_interval", int),
          "ws": ("weight_sharing", str), "fisher": ("fisher_type", str), "opt": ("opt", str),
          "kl": ("kl_clip", float), "root": ("root_scale", float), "graft": ("grafting", str),
-         "ema": ("ema_decay", float)}
+         "ema": ("ema_decay", float), "b1": ("beta1", float), "mom": ("momentum", float)}
+
+
+# heavyball's SOAP and SOLP (SOAP with LaProp's order: momentum of the normalised steps, in the rotated basis)
+_HEAVYBALL = {"soap": "SOAP", "solp": "SOLP"}
 
 
 def variant(spec: str) -> tuple[Callable[[nn.Module, float], pa.Step], float]:
-    """``NAME[,KEY=VALUE...]``: an anchors contender (``soap``, ``adamw``...) or a maker method (``kfac``,
-    ``ekfac``, ``shampoo``) with options (keys of :data:`_KEYS`, ``lr=`` and ``ln=plain``); returns
-    ``(builder, lr)``. Maker defaults: damping 0.1, curvature every 5, inverses every 20, SGD momentum."""
+    """``NAME[,KEY=VALUE...]``: an anchors contender (``adamw``...), heavyball's ``soap`` or ``solp`` (``f=``: its
+    basis refresh interval), or a maker method (``kfac``, ``kfac_soap``, ``ekfac``, ``shampoo``) with options
+    (keys of :data:`_KEYS`, ``lr=`` and ``ln=plain``); returns ``(builder, lr)``. Maker defaults: damping 0.1,
+    curvature every 5, inverses every 20, SGD momentum."""
     name, *opts = spec.split(",")
     kv = dict(o.split("=", 1) for o in opts)
     lr = float(kv.pop("lr")) if "lr" in kv else None
-    if name in pa.CONTENDERS and name not in ("kfac", "shampoo"):
+    if name in _HEAVYBALL:  # f=: the eigenbasis refresh interval (precondition_frequency, default 2)
+        options = {"precondition_frequency": int(kv.pop("f"))} if "f" in kv else {}
+        return pa._heavy(_HEAVYBALL[name], **options), lr or 3e-3
+    if name in pa.CONTENDERS and name not in precond.list_methods():
         return pa.CONTENDERS[name][0], lr or pa.CONTENDERS[name][1]
     config: dict = {"damping": 0.1, "curvature_interval": 5, "inverse_interval": 20}
     if kv.pop("ln", None) == "plain":
@@ -115,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-n", type=int, default=1000)
     ap.add_argument("--norm-step", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0, help="initial weights and batch order (the anchors' grid: 0)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -122,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     pa.CONTENDERS.update(table)
     data = pa.load(args.model, args.eval_n)
     lrs = [table[v][1] for v in args.variants]
-    runs = [pa.new_run(args.model, data, v, lr, 0, args.steps, 128) for v, lr in zip(args.variants, lrs, strict=True)]
+    runs = [pa.new_run(args.model, data, v, lr, args.seed, args.steps, 128)
+            for v, lr in zip(args.variants, lrs, strict=True)]
     norms: dict[str, dict[str, float]] = {}
     for r in runs:  # wrap each step to record one step's parameter change at --norm-step
         inner = r.step_fn

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "adam_direction",
     "as_matrix",
     "cg_solve",
     "damped_cholesky",
@@ -33,6 +34,8 @@ __all__ = [
     "kron_matmul",
     "kron_per_example",
     "matrix_power",
+    "reproject_second_moment",
+    "rotate",
     "smw_factor",
     "smw_solve",
 ]
@@ -377,3 +380,77 @@ def as_matrix(t: Tensor) -> Tensor:
     if t.dim() <= 1:
         return t.reshape(-1, 1)
     return t.reshape(t.shape[0], -1)
+
+
+# ------------------------------------------------------------------------ Adam in a rotated basis (SOAP)
+def adam_direction(g: Tensor, m: Tensor | None, v: Tensor | None, step: int, beta1: float, beta2: float,
+                   eps: float) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Adam's step direction for the gradient ``g`` (Kingma & Ba, 2015, Algorithm 1, bias-corrected):
+
+    .. math:: m \\leftarrow \\beta_1 m + (1-\\beta_1)\\, g, \\quad v \\leftarrow \\beta_2 v + (1-\\beta_2)\\, g^2,
+        \\quad d = \\frac{m / (1-\\beta_1^{t+1})}{\\sqrt{v / (1-\\beta_2^{t+1})} + \\epsilon}
+
+    (``m = (1-β₁) g``, ``v = (1-β₂) g²`` at the first step, ``t`` counted from 0). ``beta1 = 0`` keeps no first
+    moment, ``d = g / (√v̂ + ε)``: RMSprop with Adam's bias correction, for a momentum applied after it.
+
+    Args:
+        g: the gradient (any shape).
+        m: its running first moment, updated in place; None at the first step or with ``beta1 = 0``.
+        v: its running second moment, updated in place; None at the first step.
+        step: ``t``, the number of earlier updates.
+        beta1: ``β₁`` (0: no first moment).
+        beta2: ``β₂``.
+        eps: ``ε``.
+
+    Returns:
+        ``(d, m, v)`` (``m`` None with ``beta1 = 0``).
+    """
+    v = (1 - beta2) * g.square() if v is None else v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if beta1 > 0:
+        m = (1 - beta1) * g if m is None else m.mul_(beta1).add_(g, alpha=1 - beta1)
+        g = m / (1 - beta1 ** (step + 1))
+    return g / ((v / (1 - beta2 ** (step + 1))).sqrt() + eps), m, v
+
+
+def rotate(m: Tensor, left: Tensor | None, right: Tensor | None, back: bool = False) -> Tensor:
+    """``Q_Lᵀ M Q_R`` into an eigenbasis, or ``Q_L M Q_Rᵀ`` out of it (``back``); None is the identity.
+
+    Args:
+        m: ``[..., d_out, d_in]``.
+        left: ``[..., d_out, d_out]`` orthogonal, or None.
+        right: ``[..., d_in, d_in]`` orthogonal, or None.
+        back: rotate back to the parameter basis.
+    """
+    if left is not None:
+        m = (left if back else left.transpose(-1, -2)) @ m
+    if right is not None:
+        m = m @ (right.transpose(-1, -2) if back else right)
+    return m
+
+
+def reproject_second_moment(v: Tensor, old: tuple[Tensor | None, Tensor | None],
+                            new: tuple[Tensor | None, Tensor | None]) -> Tensor:
+    """A second moment kept per coordinate of the basis ``old = (Q_L, Q_R)``, in the basis ``new``.
+
+    Taking the second moment as diagonal in the old basis, ``diag(vec v)``, its diagonal in the new one is
+
+    .. math:: v' = (R_L \\circ R_L)^\\top\\, v\\, (R_R \\circ R_R), \\qquad R = Q_{\\text{old}}^\\top Q_{\\text{new}}
+
+    (``∘`` the entrywise product): exact for a pure permutation or sign flip of the eigenvectors (which ``eigh``
+    may return for an unchanged or slightly changed matrix), and a mix of the old entries for a rotated basis.
+    heavyball's SOAP does this with ``heavy=True``; Vyas et al. (2024) keep ``v`` as it is.
+
+    Args:
+        v: ``[..., d_out, d_in]``.
+        old: the old ``(Q_L, Q_R)`` (None: identity).
+        new: the new ``(Q_L, Q_R)``, None where ``old`` is None.
+
+    Returns:
+        ``v'`` of the shape of ``v``.
+    """
+    (old_l, old_r), (new_l, new_r) = old, new
+    if old_l is not None:
+        v = (old_l.transpose(-1, -2) @ new_l).square().transpose(-1, -2) @ v
+    if old_r is not None:
+        v = v @ (old_r.transpose(-1, -2) @ new_r).square()
+    return v

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from quicktrain.precond._math import adam_direction
+
 __all__ = ["GRAFTING", "Grafting"]
 
 GRAFTING = ("none", "sgd", "adam")
@@ -39,10 +41,9 @@ class Grafting:
             return None
         if self.kind == "sgd":
             return g.clone()  # the caller may overwrite g's storage with the preconditioned gradient
-        v = self.second_moment.get(name)
-        v = (1 - _BETA2) * g.square() if v is None else v.mul_(_BETA2).addcmul_(g, g, value=1 - _BETA2)
-        self.second_moment[name] = v
-        return g / ((v / (1 - _BETA2 ** (step + 1))).sqrt() + 1e-8)
+        d, _, self.second_moment[name] = adam_direction(g, None, self.second_moment.get(name), step, 0.0, _BETA2,
+                                                        1e-8)
+        return d
 
     @staticmethod
     def scale(directions: list[Tensor], steps: list[Tensor]) -> Tensor:

@@ -15,7 +15,7 @@ from quicktrain import models, precond
 from quicktrain.precond.curvature import output_sqrt
 
 METHODS = precond.list_methods()
-KRONECKER = {"kfac", "ekfac", "skfac", "kbfgs"}
+KRONECKER = {"kfac", "kfac_soap", "ekfac", "skfac", "kbfgs"}
 CE = nn.CrossEntropyLoss()
 
 

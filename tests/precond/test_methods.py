@@ -14,7 +14,7 @@ from quicktrain.train.hooks import AutogradGradients
 
 METHODS = precond.list_methods()
 KINDS = ["cnn", "emb", "mlp"]
-EXPECTED = {"sgd", "kfac", "ekfac", "skfac", "shampoo", "psgd", "kbfgs", "smw_ng", "seng", "full_ng",
+EXPECTED = {"sgd", "kfac", "kfac_soap", "ekfac", "skfac", "shampoo", "psgd", "kbfgs", "smw_ng", "seng", "full_ng",
             "layerwise_ng", "unitwise_ng", "diag_ng", "newton", "newton_cg", "curveball"}
 
 
@@ -81,8 +81,8 @@ def test_every_method_gives_finite_gradients_to_every_parameter(name, kind, zoo)
 
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-EXACT_FISHER = {"kfac", "ekfac", "skfac", "full_ng", "smw_ng", "layerwise_ng", "seng", "unitwise_ng", "diag_ng",
-                "kbfgs"}
+EXACT_FISHER = {"kfac", "kfac_soap", "ekfac", "skfac", "full_ng", "smw_ng", "layerwise_ng", "seng", "unitwise_ng",
+                "diag_ng", "kbfgs"}
 
 
 @pytest.mark.parametrize("kind", ["cnn", "emb"])

@@ -10,6 +10,7 @@ from quicktrain.precond.methods import (  # noqa: F401  (each module registers i
     ekfac,
     kbfgs,
     kfac,
+    kfac_soap,
     newton,
     ng,
     psgd,

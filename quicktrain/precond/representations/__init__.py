@@ -8,12 +8,14 @@ Every representation follows :class:`~quicktrain.precond.representations.base.Re
 from quicktrain.precond.representations.base import Representation, ema, first_nonfinite, require_finite
 from quicktrain.precond.representations.dense import FullModel, LayerBlock, flat_rows
 from quicktrain.precond.representations.diag import Diagonal
+from quicktrain.precond.representations.eigen_adam import EmbeddingEigenAdam, KronEigenAdam, ParamAdam, check_adam
 from quicktrain.precond.representations.ekfac import EigenCorrectedKron, ekfac_scales
 from quicktrain.precond.representations.kbfgs import KronBfgs, bfgs_inverse_update, damped_bfgs_update
 from quicktrain.precond.representations.kron import (
     KronEmbedding,
     KronFactored,
     SmwKronFactored,
+    kron_dims,
     kron_grad_matrix,
     kron_sandwich_grad,
     kron_set_grad,
@@ -23,20 +25,25 @@ from quicktrain.precond.representations.unitwise import UnitWise
 __all__ = [
     "Diagonal",
     "EigenCorrectedKron",
+    "EmbeddingEigenAdam",
     "FullModel",
     "KronBfgs",
+    "KronEigenAdam",
     "KronEmbedding",
     "KronFactored",
     "LayerBlock",
+    "ParamAdam",
     "Representation",
     "SmwKronFactored",
     "UnitWise",
     "bfgs_inverse_update",
+    "check_adam",
     "damped_bfgs_update",
     "ekfac_scales",
     "ema",
     "first_nonfinite",
     "flat_rows",
+    "kron_dims",
     "kron_grad_matrix",
     "kron_sandwich_grad",
     "kron_set_grad",

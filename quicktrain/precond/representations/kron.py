@@ -31,10 +31,19 @@ from quicktrain.precond.capture import LayerBatch
 from quicktrain.precond.distributed import all_gather_rows, all_reduce_mean
 from quicktrain.precond.representations.base import Representation, ema, require_finite
 
-__all__ = ["KronEmbedding", "KronFactored", "SmwKronFactored", "kron_grad_matrix", "kron_sandwich_grad",
-           "kron_set_grad"]
+__all__ = ["KronEmbedding", "KronFactored", "SmwKronFactored", "kron_dims", "kron_grad_matrix",
+           "kron_sandwich_grad", "kron_set_grad"]
 
 # ------------------------------------------------------------------ gradient layout of a Kronecker layer
+def kron_dims(module: nn.Module, with_bias: bool = True) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a Linear/Conv2d's Kronecker factors per group (``d_in`` with the bias column when the
+    layer has a bias and ``with_bias``)."""
+    groups = getattr(module, "groups", 1)
+    d_in = (module.in_channels // groups * math.prod(module.kernel_size) if isinstance(module, nn.Conv2d)
+            else module.in_features)
+    return module.weight.shape[0] // groups, d_in + (module.bias is not None and with_bias)
+
+
 def kron_grad_matrix(module: nn.Module, weight: Tensor, bias: Tensor | None) -> Tensor:
     """Weight (and bias column) of a Linear/Conv2d as ``[groups, d_out, d_in(+1)]``."""
     groups = getattr(module, "groups", 1)
@@ -136,18 +145,23 @@ class KronFactored(Representation):
         self.separate = bias == "separate" and module.bias is not None
 
     def update(self, batch: LayerBatch, decay: float) -> None:
+        batch = self._statistics_batch(batch)
+        self._update_input_factor(batch, decay)
+        self._update_output_factor(batch, decay)
+
+    def _statistics_batch(self, batch: LayerBatch) -> LayerBatch:
+        """The examples the factors are computed from (the first ``⌈f·N⌉`` with ``statistics_fraction=f``)."""
+        return batch if self.fraction == 1.0 else batch.head(max(1, math.ceil(self.fraction * batch.n)))
+
+    def _update_output_factor(self, batch: LayerBatch, decay: float) -> None:
+        fg = (kfac_output_factor(batch.kron_grads().sum(1, keepdim=True), 1, batch.scale) if self.reduce
+              else batch.kron_output_factor())
+        self.G = ema(self.G, all_reduce_mean(fg), decay)
+
+    def _update_input_factor(self, batch: LayerBatch, decay: float) -> None:
         with_bias = not self.separate
-        if self.fraction < 1.0:
-            batch = batch.head(max(1, math.ceil(self.fraction * batch.n)))
-        if self.reduce:
-            a = batch.kron_input_means(with_bias)
-            fg = kfac_output_factor(batch.kron_grads().sum(1, keepdim=True), 1, batch.scale)
-        else:
-            a = None
-            fg = batch.kron_output_factor()
-        m = self.module
-        d_in = (m.in_channels // m.groups * math.prod(m.kernel_size) if isinstance(m, nn.Conv2d)
-                else m.in_features) + (m.bias is not None and with_bias)
+        a = batch.kron_input_means(with_bias) if self.reduce else None
+        d_in = kron_dims(self.module, with_bias)[1]
         rows = batch.n * (1 if self.reduce else batch.kron_length())
         if self.low_rank and decay == 0.0 and rows < d_in:
             a = batch.kron_inputs(with_bias) if a is None else a
@@ -160,7 +174,6 @@ class KronFactored(Representation):
             if self.UA is not None:  # a moving average starts from the dense matrix of the rows kept so far
                 self.A, self.UA, self.A_factor = self.UA.transpose(-1, -2) @ self.UA, None, None
             self.A = ema(self.A, all_reduce_mean(fa), decay)
-        self.G = ema(self.G, all_reduce_mean(fg), decay)
 
     def _damping(self, damping: float) -> tuple[Tensor, Tensor]:
         a = self.A if self.UA is None else self.UA.square().sum(-2)  # the rows' diagonal of A
