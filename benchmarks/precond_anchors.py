@@ -34,6 +34,9 @@ the target test accuracy (:data:`TARGETS`), the grid's seed-0 seconds per learni
 selected rate sits on the grid's edge. A seed fixes the initial weights and the batch order, so every
 contender sees the same ones. To fit a shared 2-core CPU every run **stops at the target** (or at its budget),
 so ``test_acc_at_stop`` is the full test set's accuracy at that point, not after a common training length.
+That is a separate mode: ``--final-steps N --lrs c=lr ...`` trains each contender at the given learning rate
+(the one selected by an earlier time-to-target run) on seeds 0, 1, 2 for exactly ``N`` steps, in turns, and
+reports the full test set's accuracy and the CPU seconds at ``N`` (``precond_anchors{tag}_final.*``).
 
 Timing: all runs of a phase advance in turns, one optimisation step each (run A step, run B step, ...), in
 one process. The training clock is the CPU time of the (single) torch thread during forward, backward and
@@ -55,6 +58,7 @@ Usage::
     .venv/bin/python benchmarks/precond_anchors.py --models cnn vit_tiny       # every contender, both models
     .venv/bin/python benchmarks/precond_anchors.py --models cnn --contenders kfac muon soap adamw   # one model
     .venv/bin/python benchmarks/precond_anchors.py --models cnn --steps 4 --eval-every 2 --seeds   # smoke run
+    .venv/bin/python benchmarks/precond_anchors.py --models cnn --final-steps 300 --lrs soap=0.009 muon=0.003
 
 Separate invocations for separate models (e.g. one process per model) fill the same result files: a write
 keeps the rows of the models it did not run. Contenders are compared only within one invocation's turns.
@@ -408,6 +412,44 @@ def benchmark(
     return summarise(model_name, contenders, grid, seeds)
 
 
+def fixed_length(model_name: str, lrs: dict[str, float], args: argparse.Namespace) -> list[dict]:
+    """Each contender at its given learning rate on seeds 0, 1, 2 for exactly ``args.final_steps`` steps, in turns:
+    the full test set's accuracy after a common training length, and the CPU seconds it took."""
+    data = load(model_name, args.eval_n)
+    steps = args.final_steps
+    print(f"\n## {model_name}: {steps} steps at lrs { {c: f'{lr:.3g}' for c, lr in lrs.items()} }", flush=True)
+    runs = [new_run(model_name, data, c, lr, s, steps, args.batch) for s in (0, *args.seeds) for c, lr in lrs.items()]
+    # a target above any accuracy: no run stops before its last step
+    in_turns(runs, data, target=math.inf, steps=steps, cap_s=math.inf, batch=args.batch, eval_every=args.eval_every)
+    rows = []
+    for c, lr in lrs.items():
+        mine = [r for r in runs if r.contender == c]
+        accs = [r.final_acc for r in mine if r.final_acc is not None]
+        rows.append({
+            "model": model_name, "contender": c, "lr": f"{lr:.3g}", "steps": steps,
+            "seeds": " ".join(str(r.seed) for r in mine),
+            "test_acc": _median_range(accs, 4) if accs else "diverged",
+            "cpu_s": _median_range([r.seconds for r in mine], 1),
+            "ms_per_step": round(1000 * statistics.median([r.seconds / r.steps for r in mine]), 1),
+            "diverged": sum(r.diverged for r in mine),
+            "evals": {f"seed{r.seed}": r.evals for r in mine},
+        })
+    return rows
+
+
+FINAL_COLUMNS = ["model", "contender", "lr", "steps", "seeds", "test_acc", "cpu_s", "ms_per_step", "diverged"]
+
+
+def _parse_lrs(pairs: list[str]) -> dict[str, float]:
+    lrs = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in CONTENDERS or not value:
+            raise SystemExit(f"--lrs {pair!r}: expected CONTENDER=LR with CONTENDER one of {sorted(CONTENDERS)}")
+        lrs[name] = float(value)
+    return lrs
+
+
 def verdict(rows: list[dict]) -> list[str]:
     """The issue's bar per model: best quicktrain median seconds to target ≥ 1.25× sooner than the best anchor."""
     lines = []
@@ -444,9 +486,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-n", type=int, default=1000, help="size of the fixed test subset evaluated every N steps")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--final-steps", type=int, default=0,
+                    help="instead of time to target: train --lrs' contenders for exactly this many steps")
+    ap.add_argument("--lrs", nargs="+", default=[], metavar="CONTENDER=LR", help="learning rates for --final-steps")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "results")
     args = ap.parse_args(argv)
+    if bool(args.final_steps) != bool(args.lrs):
+        raise SystemExit("--final-steps and --lrs go together: the common length and each contender's rate")
+    lrs = _parse_lrs(args.lrs)
+    if args.final_steps:
+        args.contenders = list(lrs)
     torch.set_num_threads(args.threads)
     if {"soap", "psgd"} & set(args.contenders):
         _heavyball()  # fail before any training if the side folder is missing
@@ -469,6 +519,16 @@ def main(argv: list[str] | None = None) -> None:
         stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
         stem.with_suffix(".md").write_text(f"{env}\n\n{table}\n\n" + "\n".join(f"- {v}" for v in lines) + "\n")
 
+    if args.final_steps:
+        final = args.out_dir / f"precond_anchors{args.tag}_final"
+        rows = [row for model_name in args.models for row in fixed_length(model_name, lrs, args)]
+        table = records_markdown(rows, FINAL_COLUMNS)
+        print(table, flush=True)
+        write_records_csv([{k: r[k] for k in FINAL_COLUMNS} for r in rows], final.with_suffix(".csv"))
+        record = {"env": env, "args": vars(args) | {"out_dir": str(args.out_dir)}, "rows": rows}
+        final.with_suffix(".json").write_text(json.dumps(record, indent=1))
+        final.with_suffix(".md").write_text(f"{env}\n\n{table}\n")
+        return
     for model_name in args.models:
         rows = benchmark(model_name, args.contenders, args, write)
         write(rows)
