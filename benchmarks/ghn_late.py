@@ -11,31 +11,51 @@ same seeds and batches.
 ``noise=E``: is it the predicted tensors' low diversity (repeated tiles, low effective rank)? GHN init with
 symmetry-breaking noise of relative std ``E`` (``predict_into(noise=E)``; 0 is the plain prediction).
 
+``spectrum=A``: every predicted weight but the classifier's with its singular values moved a fraction ``A``
+toward their mean, singular vectors and norm kept (``quicktrain.ghn.postprocess.flatten_spectrum``): more
+diversity without random directions; ``A = 1`` is the nearest orthogonal matrix at the predicted norm.
+
+``orth``: Knyazev (2022)'s post-processing: every predicted weight but the classifier's replaced by the
+orthogonal factor of its QR at the predicted norm (``quicktrain.ghn.postprocess.orthogonalize``), BN statistics
+re-estimated: the same subspaces, every singular value equal.
+
+The mechanism is measured, not only the accuracy: for every >= 2-D weight the effective rank and the fraction
+of distinct filters (``quicktrain.ghn.postprocess``) at init and after the last step, per variant.
+
 Every variant is paired with the plain prediction (``noise=0``) and with default init on the same seeds and
 batches; the table gives the paired differences at each k.
 
     python benchmarks/ghn_late.py --dataset digits --variants prenorm
     python benchmarks/ghn_late.py --dataset fashion-mnist --grid sgd:0.03 adamw:1e-3 --variants prenorm
     python benchmarks/ghn_late.py --dataset fashion-mnist --grid sgd:0.03 adamw:1e-3 --variants noise=0.05 noise=0.3
+    python benchmarks/ghn_late.py --dataset digits --seeds 4 --variants noise=0.1 noise=0.3 orth --tag=-diversity
 
-Writes ``benchmarks/results/ghn_late-<dataset><tag>.json``.
+Writes ``benchmarks/results/ghn_late-<dataset><tag>.json``; ``--report FILE`` prints a saved run's tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
 
 import torch
+from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ghn import finetune_curve, init_model  # noqa: E402
 
 from quicktrain.data import get_dataset  # noqa: E402
 from quicktrain.ghn import load_checkpoint, shipped_checkpoints  # noqa: E402
+from quicktrain.ghn.postprocess import (  # noqa: E402
+    distinct_filters,
+    effective_rank,
+    flatten_spectrum,
+    orthogonalize,
+)
 from quicktrain.ghn.predict import reestimate_bn  # noqa: E402
 
 KS = (10, 25, 50, 100, 200)
@@ -54,6 +74,21 @@ def rescale_before_bn(model: torch.nn.Module, reference: torch.nn.Module) -> lis
     return names
 
 
+def transform_but_head(model: torch.nn.Module, fn) -> list[str]:
+    """Apply ``fn`` to every >= 2-D weight except the last one (the classifier), as Knyazev (2022) does."""
+    names = [n for n, p in model.named_parameters() if p.dim() >= 2][:-1]
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(fn(params[n]))
+    return names
+
+
+def diversity(model: torch.nn.Module) -> dict[str, list[float]]:
+    """``[effective rank, distinct filters]`` of every >= 2-D weight."""
+    return {n: [effective_rank(p), distinct_filters(p)] for n, p in model.named_parameters() if p.dim() >= 2}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="digits")
@@ -62,9 +97,15 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--test-size", type=int, default=1000)
-    p.add_argument("--variants", nargs="+", default=["prenorm"], help="prenorm, noise=E")
+    p.add_argument("--variants", nargs="+", default=["prenorm"], help="prenorm, noise=E, orth, spectrum=A")
     p.add_argument("--tag", default="")
+    p.add_argument("--report", metavar="JSON", help="print the tables of a saved run and exit")
     args = p.parse_args()
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        curves = {key: {int(k): a for k, a in c.items()} for key, c in saved["curves"].items()}
+        report(curves, saved["runs"], saved["args"]["variants"], saved["args"]["steps"])
+        return
     torch.set_num_threads(1)
     ds = get_dataset(args.dataset)
     ghn = load_checkpoint(shipped_checkpoints()[args.dataset]).eval()
@@ -72,6 +113,7 @@ def main() -> None:
     xte, yte = ds.test.tensors[0][: args.test_size], ds.test.tensors[1][: args.test_size]
     bn = [xtr[i * 128 : (i + 1) * 128] for i in range(4)]
     curves: dict[str, dict[int, float]] = {}
+    div: dict[str, dict[str, dict[str, list[float]]]] = {}
     for entry in args.grid:
         opt, lr = entry.split(":")
         for seed in range(args.seeds):
@@ -84,25 +126,78 @@ def main() -> None:
                 if variant == "prenorm":
                     print("rescaled to default-init norm:", rescale_before_bn(m, default), flush=True)
                     reestimate_bn(m, bn)
+                if variant == "orth" or variant.startswith("spectrum="):
+                    a = float(variant.split("=")[1]) if "=" in variant else 0.0
+                    transform_but_head(m, orthogonalize if variant == "orth" else lambda w, a=a: flatten_spectrum(w, a))
+                    reestimate_bn(m, bn)
                 inits[variant] = m
             for kind, m in inits.items():
+                start = diversity(m)
                 c = finetune_curve(m, xtr, ytr, xte, yte, opt=opt, lr=float(lr), seed=seed, steps=args.steps)
                 curves[f"{entry} s{seed} {kind}"] = c
+                div[f"{entry} s{seed} {kind}"] = {"init": start, "end": diversity(m)}
                 print(entry, seed, f"{kind:12s}", " ".join(f"{k}:{c[k]:.3f}" for k in (0, *KS)), flush=True)
-    runs = sorted({k.rsplit(" ", 1)[0] for k in curves})
-
-    def paired(a: str, b: str, k: int) -> list[float]:
-        d = [100 * (curves[f"{r} {a}"][k] - curves[f"{r} {b}"][k]) for r in runs]
-        return [statistics.mean(d), statistics.stdev(d)]
-
-    table = {v: {k: paired(v, "ghn", k) for k in KS} for v in args.variants}
-    table["ghn vs default"] = {k: paired("ghn", "default", k) for k in KS}
-    print(f"\n{len(runs)} paired runs; points, mean ± sd; 'ghn' is the plain prediction (head at default norm)")
-    print("| variant − ghn | " + " | ".join(f"k={k}" for k in KS) + " |\n|---|" + "---|" * len(KS))
-    for v, row in table.items():
-        print(f"| {v} | " + " | ".join(f"{m:+.2f} ± {sd:.2f}" for m, sd in row.values()) + " |")
+    result = {"args": vars(args), "curves": curves, "runs": div}
+    result.update(report(curves, div, args.variants, args.steps))
     out = Path(__file__).resolve().parent / "results" / f"ghn_late-{args.dataset}{args.tag}.json"
-    out.write_text(json.dumps({"args": vars(args), "paired": table, "curves": curves}, indent=1))
+    out.write_text(json.dumps(result, indent=1))
+
+
+def late(curve: dict[int, float], steps: int) -> float:
+    """Mean accuracy over the evaluations of the last quarter (steps 150-200 of 200): one snapshot's
+    accuracy moves by several points from one evaluation to the next, this average much less."""
+    return statistics.mean(a for k, a in curve.items() if k >= 0.75 * steps)
+
+
+def report(curves: dict[str, dict[int, float]], div: dict, variants: list[str], steps: int) -> dict:
+    """Print and return the paired table (mean, sd, 95% t-interval) and the diversity table."""
+    runs = sorted({k.rsplit(" ", 1)[0] for k in curves})
+    cols = [*KS, "late"]
+
+    def value(key: str, k: int | str) -> float:
+        return late(curves[key], steps) if k == "late" else curves[key][k]
+
+    def paired(a: str, b: str, k: int | str) -> list[float]:
+        d = [100 * (value(f"{r} {a}", k) - value(f"{r} {b}", k)) for r in runs]
+        m, sd = statistics.mean(d), statistics.stdev(d)
+        half = float(stats.t.ppf(0.975, len(d) - 1)) * sd / math.sqrt(len(d))
+        return [m, sd, m - half, m + half]
+
+    table = {v: {str(k): paired(v, "ghn", k) for k in cols} for v in variants}
+    table["ghn vs default"] = {str(k): paired("ghn", "default", k) for k in cols}
+    print(
+        f"\n{len(runs)} paired runs; points, mean [95% t-interval]; 'ghn' is the plain prediction (head at default "
+        f"norm); 'late' is the mean accuracy over steps >= {0.75 * steps:.0f}"
+    )
+    heads = [f"k={k}" if k != "late" else k for k in cols]
+    print("| variant − ghn | " + " | ".join(heads) + " |\n|---|" + "---|" * len(cols))
+    for v, row in table.items():
+        print(f"| {v} | " + " | ".join(f"{m:+.2f} [{lo:+.1f}, {hi:+.1f}]" for m, _, lo, hi in row.values()) + " |")
+    kinds = ["default", "ghn", *variants]
+    layers = list(next(iter(div.values()))["init"])
+    summary = {
+        kind: {
+            when: {
+                layer: [statistics.mean(div[f"{r} {kind}"][when][layer][i] for r in runs) for i in (0, 1)]
+                for layer in layers
+            }
+            for when in ("init", "end")
+        }
+        for kind in kinds
+    }
+    print(
+        "\neffective rank / distinct filters (cos <= 0.99) of each weight, mean over runs; "
+        f"at init -> after {steps} steps"
+    )
+    print("| init | " + " | ".join(layers) + " |\n|---|" + "---|" * len(layers))
+    for kind in kinds:
+        cells = [
+            f"{summary[kind]['init'][la][0]:.1f} / {summary[kind]['init'][la][1]:.2f} -> "
+            f"{summary[kind]['end'][la][0]:.1f} / {summary[kind]['end'][la][1]:.2f}"
+            for la in layers
+        ]
+        print(f"| {kind} | " + " | ".join(cells) + " |")
+    return {"paired": table, "diversity": summary}
 
 
 if __name__ == "__main__":
