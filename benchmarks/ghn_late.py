@@ -19,8 +19,13 @@ diversity without random directions; ``A = 1`` is the nearest orthogonal matrix 
 orthogonal factor of its QR at the predicted norm (``quicktrain.ghn.postprocess.orthogonalize``), BN statistics
 re-estimated: the same subspaces, every singular value equal.
 
+``revive``: the dead hidden ReLU units (negative on every BN batch) made live with the same function
+(``quicktrain.ghn.postprocess.revive_dead_units``: bias shifted by the median pre-activation, the next layer's
+weights from the unit zeroed).
+
 The mechanism is measured, not only the accuracy: for every >= 2-D weight the effective rank and the fraction
-of distinct filters (``quicktrain.ghn.postprocess``) at init and after the last step, per variant.
+of distinct filters, and for every ReLU layer the fraction of dead units (``quicktrain.ghn.postprocess``), at
+init and after the last step, per variant.
 
 Every variant is paired with the plain prediction (``noise=0``) and with default init on the same seeds and
 batches; the table gives the paired differences at each k.
@@ -51,10 +56,12 @@ from ghn import finetune_curve, init_model  # noqa: E402
 from quicktrain.data import get_dataset  # noqa: E402
 from quicktrain.ghn import load_checkpoint, shipped_checkpoints  # noqa: E402
 from quicktrain.ghn.postprocess import (  # noqa: E402
+    dead_fraction,
     distinct_filters,
     effective_rank,
     flatten_spectrum,
     orthogonalize,
+    revive_dead_units,
 )
 from quicktrain.ghn.predict import reestimate_bn  # noqa: E402
 
@@ -97,7 +104,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--test-size", type=int, default=1000)
-    p.add_argument("--variants", nargs="+", default=["prenorm"], help="prenorm, noise=E, orth, spectrum=A")
+    p.add_argument("--variants", nargs="+", default=["prenorm"], help="prenorm, noise=E, orth, spectrum=A, revive")
     p.add_argument("--tag", default="")
     p.add_argument("--report", metavar="JSON", help="print the tables of a saved run and exit")
     args = p.parse_args()
@@ -123,6 +130,8 @@ def main() -> None:
             for variant in args.variants:
                 noise = float(variant.split("=")[1]) if variant.startswith("noise=") else 0.0
                 m, _ = init_model(args.model, ds, ghn, bn, use_ghn=True, seed=seed, noise=noise, head_norm="default")
+                if variant == "revive":
+                    print("revived units:", len(revive_dead_units(m, bn)), flush=True)
                 if variant == "prenorm":
                     print("rescaled to default-init norm:", rescale_before_bn(m, default), flush=True)
                     reestimate_bn(m, bn)
@@ -132,10 +141,11 @@ def main() -> None:
                     reestimate_bn(m, bn)
                 inits[variant] = m
             for kind, m in inits.items():
-                start = diversity(m)
+                start = {**diversity(m), **{f"dead {n}": [f, f] for n, f in dead_fraction(m, bn).items()}}
                 c = finetune_curve(m, xtr, ytr, xte, yte, opt=opt, lr=float(lr), seed=seed, steps=args.steps)
                 curves[f"{entry} s{seed} {kind}"] = c
-                div[f"{entry} s{seed} {kind}"] = {"init": start, "end": diversity(m)}
+                end = {**diversity(m), **{f"dead {n}": [f, f] for n, f in dead_fraction(m, bn).items()}}
+                div[f"{entry} s{seed} {kind}"] = {"init": start, "end": end}
                 print(entry, seed, f"{kind:12s}", " ".join(f"{k}:{c[k]:.3f}" for k in (0, *KS)), flush=True)
     result = {"args": vars(args), "curves": curves, "runs": div}
     result.update(report(curves, div, args.variants, args.steps))
@@ -186,13 +196,15 @@ def report(curves: dict[str, dict[int, float]], div: dict, variants: list[str], 
         for kind in kinds
     }
     print(
-        "\neffective rank / distinct filters (cos <= 0.99) of each weight, mean over runs; "
-        f"at init -> after {steps} steps"
+        "\neffective rank / distinct filters (cos <= 0.99) of each weight, and the fraction of dead units after "
+        f"each ReLU chain's producer ('dead ...'), mean over runs; at init -> after {steps} steps"
     )
     print("| init | " + " | ".join(layers) + " |\n|---|" + "---|" * len(layers))
     for kind in kinds:
         cells = [
-            f"{summary[kind]['init'][la][0]:.1f} / {summary[kind]['init'][la][1]:.2f} -> "
+            f"{summary[kind]['init'][la][0]:.2f} -> {summary[kind]['end'][la][0]:.2f}"
+            if la.startswith("dead ")
+            else f"{summary[kind]['init'][la][0]:.1f} / {summary[kind]['init'][la][1]:.2f} -> "
             f"{summary[kind]['end'][la][0]:.1f} / {summary[kind]['end'][la][1]:.2f}"
             for la in layers
         ]

@@ -4,8 +4,16 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from quicktrain.ghn.postprocess import distinct_filters, effective_rank, flatten_spectrum, orthogonalize
+from quicktrain.ghn.postprocess import (
+    distinct_filters,
+    effective_rank,
+    flatten_spectrum,
+    orthogonalize,
+    relu_chains,
+    revive_dead_units,
+)
 
 
 def test_effective_rank_matches_the_entropy_of_known_singular_values():
@@ -69,3 +77,74 @@ def test_flatten_spectrum_interpolates_toward_the_polar_factor():
     assert effective_rank(w) < effective_rank(out) < effective_rank(flatten_spectrum(w, 1.0))
     with pytest.raises(ValueError, match="alpha must be in"):
         flatten_spectrum(w, 1.5)
+
+
+def _dead_mlp() -> tuple[torch.nn.Sequential, torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    with torch.no_grad():
+        model[0].bias[:6] = -100.0  # units 0-5 are negative on every input below
+    return model, torch.randn(64, 4)
+
+
+def test_revive_dead_units_keeps_the_function_and_gives_dead_units_a_gradient():
+    model, x = _dead_mlp()
+    ref = model(x).detach()
+    # dead units get no gradient: autograd says so
+    F.cross_entropy(model(x), torch.arange(64) % 3).backward()
+    assert model[0].weight.grad[:6].abs().max() == 0 and model[0].weight.grad[6:].abs().max() > 0
+    model.zero_grad()
+    revived = revive_dead_units(model, [x[:32], x[32:]])
+    assert revived == [f"0[{j}]" for j in range(6)]
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-5)
+    pre = model[0](x)
+    assert ((pre[:, :6] > 0).float().mean(0) - 0.5).abs().max() <= 1 / 64 + 1e-6  # median shift: half are on
+    assert model[2].weight[:, :6].abs().max() == 0
+    F.cross_entropy(model(x), torch.arange(64) % 3).backward()
+    assert model[2].weight.grad[:, :6].abs().min() > 0  # the zeroed outgoing weights now learn
+
+
+def test_revive_dead_units_maps_channels_to_flattened_blocks():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 3),
+    ).eval()
+    with torch.no_grad():
+        model[1].bias[1] = -50.0
+    x = torch.randn(8, 1, 6, 6)
+    ref = model(x).detach()
+    assert revive_dead_units(model, [x]) == ["1[1]"]
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-5)
+    assert model[5].weight[:, 4:8].abs().max() == 0 and model[5].weight[:, :4].abs().min() > 0
+
+
+def test_revive_dead_units_restores_a_chain_that_is_not_the_data_flow():
+    class Crossed(torch.nn.Module):
+        """Registered a -> relu -> c, but c reads relu(d(x)): zeroing c's columns would change the output."""
+
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 8)
+            self.relu = torch.nn.ReLU()
+            self.c = torch.nn.Linear(8, 3)
+            self.d = torch.nn.Linear(4, 8)
+
+        def forward(self, x):
+            return self.c(self.relu(self.d(x))) + 0 * self.a(x).sum(1, keepdim=True)
+
+    torch.manual_seed(2)
+    model = Crossed()
+    with torch.no_grad():
+        model.a.bias[:3] = -100.0
+        model.d.bias.fill_(5.0)  # every unit of d is live, so the columns of c matter
+    x = torch.randn(16, 4)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert relu_chains(model) == [("a", "c")]
+    assert revive_dead_units(model, [x]) == []
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k])
