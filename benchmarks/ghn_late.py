@@ -48,6 +48,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -91,6 +92,14 @@ def transform_but_head(model: torch.nn.Module, fn) -> list[str]:
     return names
 
 
+@torch.no_grad()
+def train_fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """``[cross-entropy, accuracy]`` on training images (eval mode)."""
+    model.eval()
+    logits = torch.cat([model(a) for a in x.split(500)])
+    return [float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())]
+
+
 def diversity(model: torch.nn.Module) -> dict[str, list[float]]:
     """``[effective rank, distinct filters]`` of every >= 2-D weight."""
     return {n: [effective_rank(p), distinct_filters(p)] for n, p in model.named_parameters() if p.dim() >= 2}
@@ -104,7 +113,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--test-size", type=int, default=1000)
-    p.add_argument("--variants", nargs="+", default=["prenorm"], help="prenorm, noise=E, orth, spectrum=A, revive")
+    p.add_argument("--variants", nargs="*", default=["prenorm"], help="prenorm, noise=E, orth, spectrum=A, revive")
     p.add_argument("--tag", default="")
     p.add_argument("--report", metavar="JSON", help="print the tables of a saved run and exit")
     args = p.parse_args()
@@ -119,6 +128,7 @@ def main() -> None:
     xtr, ytr = ds.train.tensors
     xte, yte = ds.test.tensors[0][: args.test_size], ds.test.tensors[1][: args.test_size]
     bn = [xtr[i * 128 : (i + 1) * 128] for i in range(4)]
+    xfit, yfit = xtr[-2000:], ytr[-2000:]  # training images: is a gap in fitting them or in generalising?
     curves: dict[str, dict[int, float]] = {}
     div: dict[str, dict[str, dict[str, list[float]]]] = {}
     for entry in args.grid:
@@ -145,7 +155,7 @@ def main() -> None:
                 c = finetune_curve(m, xtr, ytr, xte, yte, opt=opt, lr=float(lr), seed=seed, steps=args.steps)
                 curves[f"{entry} s{seed} {kind}"] = c
                 end = {**diversity(m), **{f"dead {n}": [f, f] for n, f in dead_fraction(m, bn).items()}}
-                div[f"{entry} s{seed} {kind}"] = {"init": start, "end": end}
+                div[f"{entry} s{seed} {kind}"] = {"init": start, "end": end, "train_end": train_fit(m, xfit, yfit)}
                 print(entry, seed, f"{kind:12s}", " ".join(f"{k}:{c[k]:.3f}" for k in (0, *KS)), flush=True)
     result = {"args": vars(args), "curves": curves, "runs": div}
     result.update(report(curves, div, args.variants, args.steps))
@@ -209,7 +219,18 @@ def report(curves: dict[str, dict[int, float]], div: dict, variants: list[str], 
             for la in layers
         ]
         print(f"| {kind} | " + " | ".join(cells) + " |")
-    return {"paired": table, "diversity": summary}
+    fit = {}
+    if all("train_end" in div[f"{r} {kind}"] for r in runs for kind in kinds):
+        fit = {
+            kind: [statistics.mean(div[f"{r} {kind}"]["train_end"][i] for r in runs) for i in (0, 1)]
+            + [statistics.mean(late(curves[f"{r} {kind}"], steps) for r in runs)]
+            for kind in kinds
+        }
+        print(f"\nafter {steps} steps, mean over runs: loss and accuracy on 2,000 training images, late test accuracy")
+        print("| init | train loss | train acc | late test acc |\n|---|---|---|---|")
+        for kind, (loss, acc, test) in fit.items():
+            print(f"| {kind} | {loss:.3f} | {acc:.3f} | {test:.3f} |")
+    return {"paired": table, "diversity": summary, "train_fit": fit}
 
 
 if __name__ == "__main__":
