@@ -1,16 +1,16 @@
 """Diversity of predicted weights, dead units, and post-processing predicted networks before fine-tuning.
 
-A GHN's predicted filters are less diverse than a random init's: the rows of a predicted weight span fewer
-directions (lower effective rank) and more of them are near-copies. Knyazev ("Pretraining a Neural Network
-before Knowing Its Architecture", ICML 2022 pre-training workshop) found that predicted parameters "lack the
-diversity necessary to successfully fine-tune parameters with gradient descent" and post-processed them
-before fine-tuning: orthogonalise every weight except the classifier's (QR of its ``[out, fan_in]`` matrix,
-in the tall orientation, signs fixed by ``diag(R)``), and/or add noise; GHN-3 adds only a tiny noise
-(``beta = 1e-5``) to break symmetry.
+A GHN's predicted filters can be less diverse than a random init's: the rows of a predicted weight span fewer
+directions (lower effective rank) and, when a decoded chunk is tiled, many are near-copies. Knyazev
+("Pretraining a Neural Network before Knowing Its Architecture", ICML 2022 pre-training workshop) found
+that predicted parameters "lack the diversity necessary to successfully fine-tune parameters with gradient
+descent" and post-processed them before fine-tuning: orthogonalise every weight except the classifier's
+(QR of its ``[out, fan_in]`` matrix, in the tall orientation, signs fixed by ``diag(R)``), and/or add
+noise; GHN-3 adds only a tiny noise (``beta = 1e-5``) to break symmetry.
 
 Measured with the shipped GHNs (``benchmarks/ghn_late.py``, README): neither raising the effective rank
 (noise, :func:`orthogonalize`, :func:`flatten_spectrum`) nor reviving the predicted network's many dead
-ReLU units (:func:`revive_dead_units`; 38% of ``cnn``'s hidden classifier units on fashion-mnist against 7%
+ReLU units (:func:`revive_dead_units`; 38% of ``cnn``'s hidden classifier units on fashion-mnist against 9%
 for default init) closes the late fine-tuning gap to default init, so ``predict_into`` applies none of them.
 """
 
