@@ -14,7 +14,7 @@ For ``linear`` (slope 1 throughout) the two coincide; ``netbooster_base`` is Net
 linearisation of NetBooster's giant improve as fast as the ``linear`` giant (which trains exactly that
 function), and how much of the non-linear giant's lead survives PLT?
 
-    python benchmarks/boost_probe.py --seeds 0 --tag _probe
+    python benchmarks/boost_probe.py --seeds 0 --methods netbooster linear --stop-at 0.5 --every 0.05 --tag _probe
 """
 
 from __future__ import annotations
@@ -37,17 +37,21 @@ from quicktrain.train import AutogradGradients, Hooks, TrainConfig, Transform, e
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
+class _Stop(Exception):
+    """Raised by the probe at ``--stop-at`` to end a run early (the question is about the giant's phase)."""
+
+
 class Probe(Transform):
     """Evaluates ``giant`` and ``linearised`` (module docstring) at the start of the chosen steps."""
 
-    def __init__(self, config: TrainConfig, every: float, calib_batches: int) -> None:
+    def __init__(self, config: TrainConfig, every: float, calib_batches: int, stop_at: float = 1.0) -> None:
         splits = data.get_dataset(config.dataset, root=config.data_dir, seed=config.seed)
         shape = tuple(splits.train.tensors[0].shape[1:])
         self.adapter = data.Adapter(shape, models.input_shape(config.model, shape))
         self.val = splits.val
         # fixed batches (no RNG drawn, so the run's trajectory is the unprobed one)
         self.calib = splits.train.tensors[0][: calib_batches * config.batch_size].split(config.batch_size)
-        self.every, self.rows = every, []
+        self.every, self.stop_at, self.rows = every, stop_at, []
         self.slope: float | None = None
 
     def _acc(self, model: nn.Module) -> float:
@@ -75,17 +79,22 @@ class Probe(Transform):
             slope = min((m.negative_slope for m in model.modules() if hasattr(m, "negative_slope")), default=None)
             self.rows.append({"step": step, "fraction": step / total_steps, "giant": giant, "slope": slope,
                               "acc": acc, "linearised": lin})
+            if step >= self.stop_at * total_steps:
+                raise _Stop
         return model
 
 
 def run(config: TrainConfig, method: str, args: argparse.Namespace) -> dict[str, Any]:
-    probe = Probe(config, args.every, args.calib_batches)
+    probe = Probe(config, args.every, args.calib_batches, args.stop_at)
     transforms: list[Any] = []
     if method != "vanilla":
         transforms.append(BoostTransform(ratio=4.0, depth=1, layers=LAYERS[args.layers], plt_start=args.plt_start,
                                          plt_end=args.plt_end, linear=method == "linear", verbose=False))
     gradients = base_supervision(1.0) if method == "netbooster_base" else AutogradGradients
-    result = fit(config, Hooks(gradients=gradients, transforms=[*transforms, probe]))
+    try:
+        result = fit(config, Hooks(gradients=gradients, transforms=[*transforms, probe]))
+    except _Stop:
+        return {"method": method, "seed": config.seed, "stopped_at": args.stop_at, "probe": probe.rows}
     return {"method": method, "seed": config.seed, "val_acc": result.metrics["val_acc"],
             "test_acc": result.metrics["test_acc"], "probe": probe.rows}
 
@@ -103,6 +112,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--layers", default="narrow", choices=sorted(LAYERS))
     p.add_argument("--every", type=float, default=0.1)
     p.add_argument("--calib-batches", type=int, default=20)
+    p.add_argument("--stop-at", type=float, default=1.0, help="end each run at this fraction (after probing it)")
     p.add_argument("--results", default="benchmarks/results")
     p.add_argument("--tag", default="_probe")
     args = p.parse_args(argv)
