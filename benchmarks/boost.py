@@ -15,6 +15,9 @@ For each model and seed, in this order (so load on the machine hits the contende
   twice NetBooster's steps, a budget that favours KD;
 * ``linear``: the same giant with PLT slope 1 from the first step (linear over-parameterisation as in
   ExpandNets / RepVGG re-parameterisation), contracted at the same step as NetBooster;
+* ``netbooster_base``: NetBooster with NetAug's base supervision (:func:`quicktrain.boost.base_supervision`):
+  until contraction every step also trains the giant at slope 1, the network it contracts to, with weight 1
+  and the giant at the current slope with weight ``--base-weight``: two giant passes per step until then;
 * ``reference``: the large ``--reference`` model (vanilla), to show how far below it the tiny one fits.
 
 Each pre-trained tiny model (and one from scratch) is then fine-tuned on ``--transfer`` (all weights but the
@@ -53,11 +56,11 @@ from scipy import stats
 from torch import nn
 
 from quicktrain import data, models
-from quicktrain.boost import BoostTransform, count_macs, count_params, distillation, expand
-from quicktrain.train import Hooks, TrainConfig, Transform, evaluate, fit, load_checkpoint
+from quicktrain.boost import BoostTransform, base_supervision, count_macs, count_params, distillation, expand
+from quicktrain.train import AutogradGradients, Hooks, TrainConfig, Transform, evaluate, fit, load_checkpoint
 
-METHODS = ("vanilla", "netbooster", "vanilla_wall", "kd", "linear", "reference")
-PRETRAINED = ("vanilla", "netbooster", "vanilla_wall", "kd", "linear")
+METHODS = ("vanilla", "netbooster", "vanilla_wall", "kd", "linear", "netbooster_base", "reference")
+PRETRAINED = ("vanilla", "netbooster", "vanilla_wall", "kd", "linear", "netbooster_base")
 # One epoch of --steps steps (each run evaluates once, at its end: evaluations cost as much as training here);
 # the longer equal-wall-clock runs take as many epochs of at most a pass over the data as they need.
 FULL_EPOCH = 55_000  # Fashion-MNIST training examples
@@ -157,14 +160,18 @@ def run_one(config: TrainConfig, method: str, settings: dict[str, Any], done: di
     if method in ("vanilla", "reference"):
         result = fit(config, Hooks(transforms=[clock]))
         wall, cpu = result.metrics["wall"], clock.seconds
-    elif method in ("netbooster", "linear"):
+    elif method in ("netbooster", "linear", "netbooster_base"):
         transform = BoostTransform(**boost_kwargs(settings), plt_start=settings["plt_start"],
                                    plt_end=settings["plt_end"], linear=method == "linear", verbose=False)
-        result = fit(config, Hooks(transforms=[transform, clock]))  # the clock also counts the contraction
+        gradients = base_supervision(settings["base_weight"]) if method == "netbooster_base" else AutogradGradients
+        # the clock also counts the contraction
+        result = fit(config, Hooks(gradients=gradients, transforms=[transform, clock]))
         wall, cpu = result.metrics["wall"], clock.seconds
         giant = expand(models.get_model(config.model, num_classes=10, in_shape=in_shape), **boost_kwargs(settings))
         extra.update(contracted_at_step=transform.contracted_at, giant_macs=count_macs(giant, in_shape),
                      giant_params=count_params(giant), plt=[settings["plt_start"], settings["plt_end"]])
+        if method == "netbooster_base":
+            extra["base_weight"] = settings["base_weight"]
     elif method == "vanilla_wall":
         vanilla, boosted = done[(config.model, "vanilla", config.seed)], done[(config.model, "netbooster", config.seed)]
         scale = boosted["train_cpu_s"] / vanilla["train_cpu_s"]
@@ -288,8 +295,10 @@ def tables(records: list[dict[str, Any]], header: str) -> str:
             continue
         base = "vanilla" if method != "vanilla" else None
         comparisons = [(base, "")] if base else []
-        if method in ("vanilla_wall", "kd", "linear"):
+        if method in ("vanilla_wall", "kd", "linear", "netbooster_base"):
             comparisons.append(("netbooster", ""))
+        if method == "netbooster_base":
+            comparisons.append(("linear", ""))
         if variant.endswith(" epochs"):  # learning curve: each budget against NetBooster at --epochs
             comparisons = [("netbooster", "")]
         elif variant:  # schedule study: each variant against the default schedule
@@ -410,6 +419,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--plt-end", type=float, default=0.5)
     p.add_argument("--kd-temperature", type=float, default=4.0)
     p.add_argument("--kd-alpha", type=float, default=0.9)
+    p.add_argument("--base-weight", type=float, default=1.0,
+                   help="netbooster_base: weight of the giant's loss at the current PLT slope")
     p.add_argument("--study", action="store_true", help="NetBooster schedule variants instead of the baselines")
     p.add_argument("--cost", action="store_true", help="only time the giant's step against the tiny one's")
     p.add_argument("--cost-rounds", type=int, default=10)
@@ -428,7 +439,7 @@ def main(argv: list[str]) -> None:
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("ratio", "depth", "layers", "plt_start", "plt_end",
-                                               "kd_temperature", "kd_alpha")}
+                                               "kd_temperature", "kd_alpha", "base_weight")}
     command = "python benchmarks/boost.py " + " ".join(argv)
     env = {"torch": torch.__version__, "python": platform.python_version(), "device": "cpu, 1 thread"}
     if args.cost:

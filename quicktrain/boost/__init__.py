@@ -16,6 +16,7 @@ from .kd import DistillationGradients, distillation, distillation_loss
 from .macs import count_macs, count_params
 from .plt import PLTActivation, get_slopes, plt_activations, plt_slope, set_slope
 from .schedule import BoostTransform
+from .supervision import BaseSupervisedGradients, base_supervision
 
 __all__ = [
     # expansion
@@ -41,6 +42,8 @@ __all__ = [
     "fold_affine",
     # training
     "BoostTransform",
+    "BaseSupervisedGradients",
+    "base_supervision",
     "DistillationGradients",
     "distillation",
     "distillation_loss",
