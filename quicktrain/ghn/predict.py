@@ -232,7 +232,9 @@ def _rescale_head(named: dict[str, nn.Parameter], head: list[str]) -> float | No
     """
     weights = [n for n in head if named[n].dim() >= 2]
     if len(weights) != 1:
-        msg = f"head_norm='default': the output does not come from one layer's weight ({weights}); head kept"
+        found = ", ".join(weights) if weights else "none: another op (a sum, a norm) makes the output"
+        msg = (f"head_norm='default': the output does not come from one layer's weight (found {found}), so "
+               "scaling a weight would not scale the logits; the head keeps its predicted norm")
         warnings.warn(msg, stacklevel=3)
         return None
     w = named[weights[0]]
