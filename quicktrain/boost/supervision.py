@@ -53,11 +53,6 @@ class BaseSupervisedGradients:
 
     def forward_backward(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         slopes = [act.negative_slope for act in self.acts]
-        if all(s == 1.0 for s in slopes):  # no PLT activations, or already linear: f_1 is the model
-            logits = self.model(inputs)
-            loss = self.loss_fn(logits, targets)
-            loss.backward()
-            return loss.detach(), logits.detach()
         for act in self.acts:
             act.set(1.0)
         try:
@@ -67,7 +62,8 @@ class BaseSupervisedGradients:
         finally:
             for act, slope in zip(self.acts, slopes, strict=True):
                 act.set(slope)
-        if self.weight:
+        # no PLT activations, or all already linear: f_alpha is f_1 and the one pass was all of it
+        if self.weight and any(s != 1.0 for s in slopes):
             (self.weight * self.loss_fn(self.model(inputs), targets)).backward()
         return loss.detach(), logits.detach()
 
