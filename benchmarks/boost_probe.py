@@ -32,9 +32,8 @@ from torch import nn
 
 from quicktrain import data, models
 from quicktrain.boost import BoostTransform, base_supervision, is_giant, set_slope
+from quicktrain.ghn import reestimate_bn
 from quicktrain.train import AutogradGradients, Hooks, TrainConfig, Transform, evaluate, fit
-
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 class _Stop(Exception):
@@ -61,13 +60,7 @@ class Probe(Transform):
     def _linearised(self, giant: nn.Module) -> float:
         lin = copy.deepcopy(giant)
         set_slope(lin, 1.0)
-        for m in lin.modules():
-            if isinstance(m, BN_TYPES):
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average over the calibration batches
-        lin.train()
-        for x in self.calib:
-            lin(self.adapter(x))
+        reestimate_bn(lin, (self.adapter(x) for x in self.calib))  # cumulative averages over the fixed batches
         return self._acc(lin)
 
     def on_step_start(self, model: nn.Module, step: int, total_steps: int) -> nn.Module:
