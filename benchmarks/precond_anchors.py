@@ -114,7 +114,8 @@ def _heavyball():
     return heavyball
 
 
-def _plain(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> Step:
+def _plain(model: nn.Module, optimizers: list[torch.optim.Optimizer],
+           before_step: Callable[[], None] | None = None) -> Step:
     loss_fn = nn.CrossEntropyLoss()
 
     def step(x: Tensor, y: Tensor) -> Tensor:
@@ -122,6 +123,8 @@ def _plain(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> Step:
             opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()
+        if before_step is not None:
+            before_step()
         for opt in optimizers:
             opt.step()
         return loss.detach()
@@ -175,21 +178,19 @@ def _muon_conv(model: nn.Module, lr: float) -> Step:
     hidden = [p for p in weights if p is not first and p is not head]
     views = [nn.Parameter(p.detach().view(p.shape[0], -1)) for p in hidden]
     rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
-    muon = torch.optim.Muon(views, lr=lr, weight_decay=0.01, adjust_lr_fn="match_rms_adamw")
-    adamw = torch.optim.AdamW(rest, lr=lr, weight_decay=0.01)
-    loss_fn = nn.CrossEntropyLoss()
 
-    def step(x: Tensor, y: Tensor) -> Tensor:
-        model.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
+    def hand_over_grads() -> None:  # the filters are in no optimizer, so nothing else would clear their .grad
         for view, p in zip(views, hidden, strict=True):
-            view.grad = p.grad.view_as(view)
-        muon.step()
-        adamw.step()
-        return loss.detach()
+            view.grad, p.grad = p.grad.view_as(view), None
 
-    return step
+    return _plain(
+        model,
+        [
+            torch.optim.Muon(views, lr=lr, weight_decay=0.01, adjust_lr_fn="match_rms_adamw"),
+            torch.optim.AdamW(rest, lr=lr, weight_decay=0.01),
+        ],
+        hand_over_grads,
+    )
 
 
 def _heavy(name: str, **options: float) -> Callable[[nn.Module, float], Step]:
