@@ -91,7 +91,7 @@ def _precond_factory(config: TrainConfig):
                 raise
             raise ValueError(
                 f"--grafting {config.grafting} does not apply to {config.precond!r}: it sets the step size of "
-                "the curvature methods (kfac, ekfac, skfac, kbfgs, the natural-gradient family) and shampoo"
+                "the curvature methods (kfac, kfac_soap, ekfac, skfac, kbfgs, the natural-gradient family) and shampoo"
             ) from None
 
     return factory
