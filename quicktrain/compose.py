@@ -90,8 +90,8 @@ def _precond_factory(config: TrainConfig):
             if e.option != "grafting":
                 raise
             raise ValueError(
-                f"--grafting {config.grafting} does not apply to {config.precond!r}: it sets the step size of "
-                "the curvature methods (kfac, kfac_soap, ekfac, skfac, kbfgs, the natural-gradient family) and shampoo"
+                f"--grafting {config.grafting} does not apply to {config.precond!r}, which sets its own step size; "
+                "drop --grafting, or pick a method that takes it (kfac, shampoo and the other curvature methods)"
             ) from None
 
     return factory
