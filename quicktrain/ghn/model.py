@@ -279,9 +279,10 @@ class GraphormerLayer(nn.Module):
         q, k, v = self.qkv(self.ln1(h)).reshape(n_all, 3, heads, dh).permute(1, 2, 0, 3)
         table = (self.sp_fw.weight[:, None, :] + self.sp_bw.weight[None, :, :]).flatten(0, 1)  # [B^2, heads]
         parts: list[Tensor] = []
-        start = 0
-        for bias, pair in zip(biases, pairs, strict=True):
-            qg, kg, vg = (t[:, start : start + bias.n] for t in (q, k, v))
+        sizes = [b.n for b in biases]  # split, not slices: one backward op each, not a zero-filled copy per graph
+        for bias, pair, qg, kg, vg in zip(
+            biases, pairs, q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), strict=True
+        ):
             if pair is not None:
                 mask = table.index_select(0, pair).t().view(heads, bias.n, bias.n)
                 att = torch.baddbmm(mask, qg, kg.transpose(1, 2), alpha=dh**-0.5).softmax(-1)
@@ -292,10 +293,60 @@ class GraphormerLayer(nn.Module):
                     fw, bw = bias.rows(r0, r1)
                     mask = (self.sp_fw(fw) + self.sp_bw(bw)).permute(2, 0, 1)  # [heads, rows, N]
                     parts.append(F.scaled_dot_product_attention(qg[:, r0:r1], kg, vg, attn_mask=mask))
-            start += bias.n
         att = torch.cat(parts, 1).transpose(0, 1).reshape(n_all, d)
         h = h + self.proj(att)
         return h + self.mlp(self.ln2(h))
+
+
+class _PrefixLinear(torch.autograd.Function):
+    """Linear maps with prefixes of one weight: run ``r`` of the rows of ``z`` (``rows[r]`` rows) gives
+    ``z_r W[:n_r]^T + b[:n_r]``, ``n_r = lengths[r]``.
+
+    One op, forward and backward: slicing ``W`` per run would give each run a weight gradient of ``W``'s full
+    size (zero-filled, then added), and gathering its rows would copy them; here the runs' weight gradients are
+    accumulated into one buffer, ``dW[:n_r] += g_r^T z_r``. Consecutive runs of one length share one product.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, z: Tensor, weight: Tensor, bias: Tensor, rows: list[int], lengths: list[int]
+    ) -> tuple[Tensor, ...]:
+        ctx.save_for_backward(z, weight)
+        ctx.rows, ctx.lengths = rows, lengths
+        outs: list[Tensor] = []
+        for zs, n, sizes in _prefix_groups(z, rows, lengths):
+            outs += torch.addmm(bias[:n], zs, weight[:n].t()).split(sizes)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        z, weight = ctx.saved_tensors
+        gz, gw, gb = torch.empty_like(z), torch.zeros_like(weight), weight.new_zeros(weight.shape[0])
+        at, r0 = 0, 0
+        for zs, n, sizes in _prefix_groups(z, ctx.rows, ctx.lengths):
+            g = [
+                t if t is not None else z.new_zeros(m, n)
+                for t, m in zip(grads[at : at + len(sizes)], sizes, strict=True)
+            ]
+            g = g[0] if len(g) == 1 else torch.cat(g)
+            torch.mm(g, weight[:n], out=gz[r0 : r0 + len(zs)])
+            gw[:n].addmm_(g.t(), zs)
+            gb[:n] += g.sum(0)
+            at, r0 = at + len(sizes), r0 + len(zs)
+        return gz, gw, gb, None, None
+
+
+def _prefix_groups(z: Tensor, rows: list[int], lengths: list[int]) -> Iterator[tuple[Tensor, int, list[int]]]:
+    """``(rows of z, prefix length, run sizes)`` for each group of consecutive runs of one prefix length."""
+    r0, r = 0, 0
+    while r < len(rows):
+        end = r
+        while end + 1 < len(rows) and lengths[end + 1] == lengths[r]:
+            end += 1
+        sizes = rows[r : end + 1]
+        yield z[r0 : r0 + sum(sizes)], lengths[r], sizes
+        r0 += sum(sizes)
+        r = end + 1
 
 
 class ConvDecoder(nn.Module):
@@ -310,6 +361,7 @@ class ConvDecoder(nn.Module):
     meta-batch at once: ``W_0`` once per kernel size (its rows for those positions), ``W_1`` once, and ``W_2``
     once per input width ``i`` (all ``co`` output rows: slicing ``o`` as well would mean one weight copy per
     ``(o, i)`` pair, ~38 MB per meta-batch, and that gather and its backward cost more than the spare rows).
+    Tiles come out input-major, ``[rows, i, co]``.
     GHN-2's dedicated classifier predictor maps the ``out`` axis of a 1x1 tile to the class count:
     ``W_c\\,\\mathrm{ReLU}(T)`` (:meth:`classify`).
     """
@@ -327,17 +379,19 @@ class ConvDecoder(nn.Module):
         nn.init.zeros_(self.out.bias)
         self.classifier = nn.Linear(self.co, classes) if classes > 0 else None
 
-    def forward(self, e: Tensor, kernels: np.ndarray, widths: np.ndarray) -> list[Tensor]:
+    def forward(self, e: Tensor, kernels: np.ndarray, widths: np.ndarray, cls: np.ndarray) -> list[Tensor]:
         """Decoded tiles for tile embeddings ``e [T, hid]``: tile ``t`` is ``kernels[t] = (kh, kw)`` positions by
-        ``widths[t]`` inputs; tiles of one width must be consecutive.
+        ``widths[t]`` inputs; tiles of one width and of one kind (``cls[t]``: a classifier tile) are consecutive.
 
-        Returns one ``[rows, co, i]`` per run of width ``i``: the run's tiles' positions in order (row-major
-        within a tile), each row ``T[:, :i, y, x]``. ``W_0``'s rows are gathered per kernel size (a 1x1 tile
-        needs 1 of the ``k^2`` positions) and the rows reordered from kernel-size to width order in one gather.
-        The index arithmetic is numpy over tiles: no Python loop over tiles or rows.
+        Returns one ``[rows, i, co]`` per run of width ``i`` and kind: the run's tiles' positions in order
+        (row-major within a tile), each row ``T[:, :i, y, x]`` transposed. ``W_0``'s rows are gathered per
+        kernel size (a 1x1 tile needs 1 of the ``k^2`` positions) and the rows reordered from kernel-size to
+        width order in one gather; ``W_2``'s rows for width ``i`` are a prefix of ``W_2`` reordered
+        input-major (:class:`_PrefixLinear`: no gather of weight rows per width). The index arithmetic is numpy
+        over tiles: no Python loop over tiles or rows.
         """
         dev, k, h0 = e.device, self.k, self.h0
-        kernels, widths = np.asarray(kernels).reshape(-1, 2), np.asarray(widths)
+        kernels, widths, cls = np.asarray(kernels).reshape(-1, 2), np.asarray(widths), np.asarray(cls)
         sizes = kernels[:, 0] * kernels[:, 1]
         first = np.empty(len(kernels), dtype=np.int64)  # each tile's first row in kernel-size order
         fc_rows, groups, done = [], [], 0
@@ -361,26 +415,20 @@ class ConvDecoder(nn.Module):
         by_width = torch.from_numpy(_ragged_arange(first, sizes)).to(dev)
         z = torch.cat([z.reshape(-1, h0) for z in zs]).index_select(0, by_width)
         z = torch.relu(self.conv1(z))  # [R, h1]
-        cut = np.flatnonzero(np.diff(widths)) + 1  # runs of one width
+        # W_2 with its rows in (input, output) order: width i's rows are the prefix of i * co rows
+        w2 = self.out.weight.view(self.co, self.ci, -1).transpose(0, 1).reshape(self.ci * self.co, -1)
+        b2 = self.out.bias.view(self.co, self.ci).t().reshape(-1)
+        cut = np.flatnonzero(np.diff(widths) | np.diff(cls)) + 1  # runs of one width and kind
         run_width = widths[np.concatenate([[0], cut])].tolist()
         run_rows = [int(s.sum()) for s in np.split(sizes, cut)]
-        narrow = [i for i in run_width if i < self.ci]
-        if narrow:  # the rows of every narrow width in one gather (its backward is one index_add_)
-            rows = [(np.arange(self.co)[:, None] * self.ci + np.arange(i)).ravel() for i in narrow]
-            idx = torch.from_numpy(np.concatenate(rows)).to(dev)
-            ws = iter(self.out.weight.index_select(0, idx).split([len(r) for r in rows]))
-            bs = iter(self.out.bias.index_select(0, idx).split([len(r) for r in rows]))
-        out = []
-        for i, zi in zip(run_width, z.split(run_rows), strict=True):
-            w, b = (next(ws), next(bs)) if i < self.ci else (self.out.weight, self.out.bias)
-            out.append(F.linear(zi, w, b).view(len(zi), self.co, i))
-        return out
+        outs = _PrefixLinear.apply(z, w2, b2, run_rows, [i * self.co for i in run_width])
+        return [out.view(len(out), i, self.co) for out, i in zip(outs, run_width, strict=True)]
 
     def classify(self, t: Tensor) -> Tensor:
-        """Classifier tiles ``[R, classes, i]`` from 1x1 tiles ``t [R, co, i]``."""
+        """Classifier tiles ``[R, i, classes]`` from 1x1 tiles ``t [R, i, co]`` (:meth:`forward`'s layout)."""
         if self.classifier is None:
             raise ValueError("this GHN has no classifier predictor (no DatasetInfo)")
-        return self.classifier(torch.relu(t).transpose(1, 2)).transpose(1, 2)
+        return self.classifier(torch.relu(t))
 
 
 @dataclass
@@ -431,6 +479,7 @@ class _SegmentPlan:
 
     jobs: list[ParamJob]
     numel: list[int]  # base-block elements per job
+    shapes: list[tuple]  # per job: (base-block shape, channels-last?, shape repeated to or None): see _unflatten
     index: Tensor  # [sum numel] source positions
     kind: np.ndarray  # per job: squash kind (index into _KINDS)
     gain: np.ndarray  # per job: node type of its learned gain, NUM_TYPES for none (tensors of < 2 dims)
@@ -688,29 +737,38 @@ class GHN(nn.Module):
                 cb.append(j)
                 size += classes
         zero = size  # the source ends with one zero
-        index, numel = [], []
+        index, numel, shapes = [], [], []
         for j, job in enumerate(jobs):
             ga, gb = self._grid(job)
             o, i, kh, kw = job.view
             if job.route in ("1d", "cls_b"):
                 e = np.arange(min(o, ga * c.chunk_1d) if job.route == "1d" else o)
                 src = np.array([start[(j, a, 0)] for a in range(ga)])[e // c.chunk_1d] + e % c.chunk_1d
+                shapes.append((job.shape, False, None) if len(e) == o else ((len(e),), False, (o,)))
             else:
-                ob = o if job.route == "cls" else min(o, ga * co)
-                r, s = np.arange(ob)[:, None], np.arange(min(i, gb * ci))
+                ob, ib = o if job.route == "cls" else min(o, ga * co), min(i, gb * ci)
+                channels_last = job.ptype in _CONV_TYPES and len(job.shape) == 4
+                if (ob, ib) == (o, i):
+                    shapes.append(((o, kh, kw, i), True, None) if channels_last else (job.shape, False, None))
+                else:
+                    base = (ob, kh, kw, ib) if channels_last else (ob, ib, kh, kw)
+                    shapes.append((base, channels_last, (o, i, kh, kw)))
+                r, s = np.arange(ob)[:, None], np.arange(ib)
                 st = np.array([[start[(j, a, b)] for b in range(gb)] for a in range(ga)])[r // co, s // ci]
                 w = np.array([width[(j, 0, b)] for b in range(gb)])[s // ci]
-                if job.route == "cls":
-                    src = st + r * w + s % ci
+                if job.route == "cls":  # tile [i, classes]
+                    src = st + (s % ci) * classes + r
                 else:
                     kt = (min(kh, k), min(kw, k))
                     y = np.arange(kh)[:, None] - (kh - kt[0]) // 2
                     x = np.arange(kw) - (kw - kt[1]) // 2
                     inside = (y >= 0) & (y < kt[0]) & (x >= 0) & (x < kt[1])
                     q = (y * kt[1] + x)[None, None]  # position within the tile
-                    src = (st + (r % co) * w + s % ci)[:, :, None, None] + q * (co * w)[..., None, None]
+                    src = (st + (s % ci) * co + r % co)[:, :, None, None] + q * (co * w)[
+                        ..., None, None
+                    ]  # [i, co] rows
                     src = np.where(inside[None, None], src, zero)
-                    if job.ptype in _CONV_TYPES and len(job.shape) == 4:
+                    if channels_last:
                         src = src.transpose(0, 2, 3, 1)
             index.append(src.ravel())
             numel.append(src.size)
@@ -718,6 +776,7 @@ class GHN(nn.Module):
         return _SegmentPlan(
             jobs=jobs,
             numel=numel,
+            shapes=shapes,
             index=(index_t.int() if zero < 2**31 else index_t).to(device),
             kind=np.array([_KINDS.index(job.squash) for job in jobs], dtype=np.int64),
             gain=np.array([job.ptype.id if len(job.shape) >= 2 else NUM_TYPES for job in jobs], dtype=np.int64),
@@ -785,31 +844,28 @@ class GHN(nn.Module):
         pieces: list[list[Tensor]] = [[] for _ in segs]
         heads: list[list[Tensor]] = [[] for _ in segs]
         if len(order):
-            outs = self.decoder(tiles(t_job, cat("conv_code")[order]), kern[order], t_w)
-            runs = []  # per width: (tiles, rows) of its plain and classifier parts
+            outs = self.decoder(tiles(t_job, cat("conv_code")[order]), kern[order], t_w, t_cls)
+            runs = []  # the decoder's runs: tiles of one width and kind
             for i in np.unique(t_w).tolist():
                 at = np.flatnonzero(t_w == i)
-                runs += [at[t_cls[at] == 0], at[t_cls[at] == 1]]
+                runs += [r for r in (at[t_cls[at] == 0], at[t_cls[at] == 1]) if len(r)]
             coefs = coef[: len(row_job)].split([int(t_rows[r].sum()) for r in runs])
             r0 = 0
-            for n, out in enumerate(outs):
-                i = out.shape[2]
-                plain, head = runs[2 * n], runs[2 * n + 1]
-                n_plain = int(t_rows[plain].sum())
+            for run, out, coef_run in zip(runs, outs, coefs, strict=True):
+                i = int(t_w[run[0]])
                 rows = row_job[r0 : r0 + len(out)]
                 r0 += len(out)
-                y, y_head = out.split([n_plain, len(head)])
-                y = normalize(y, rows[:n_plain], coefs[2 * n])
-                sizes = np.bincount(t_seg[plain], t_rows[plain], minlength=n_seg).astype(np.int64) * co * i
-                for s, part in enumerate(y.view(-1).split(sizes.tolist())):
+                if t_cls[run[0]]:
+                    y = normalize(self.decoder.classify(out), rows, coef_run)
+                    sizes = np.bincount(t_seg[run], minlength=n_seg) * y.shape[2] * i
+                    into = heads
+                else:
+                    y = normalize(out, rows, coef_run)
+                    sizes = np.bincount(t_seg[run], t_rows[run], minlength=n_seg).astype(np.int64) * co * i
+                    into = pieces
+                for s, part in enumerate(y.reshape(-1).split(sizes.tolist())):
                     if sizes[s]:
-                        pieces[s].append(part)
-                if len(head):
-                    y = normalize(self.decoder.classify(y_head), rows[n_plain:], coefs[2 * n + 1])
-                    sizes = np.bincount(t_seg[head], minlength=n_seg) * y.shape[1] * i
-                    for s, part in enumerate(y.reshape(-1).split(sizes.tolist())):
-                        if sizes[s]:
-                            heads[s].append(part)
+                        into[s].append(part)
         n_vec = [len(p.vec_job) for p in plans]
         if sum(n_vec):
             y = self.decoder_1d(tiles(vec_job, cat("vec_code")))
@@ -828,23 +884,8 @@ class GHN(nn.Module):
         zero = h.new_zeros(1)
         for (gi, _, plan), src, rest in zip(segs, pieces, heads, strict=True):
             tensors = torch.cat([*src, *rest, zero]).index_select(0, plan.index).split(plan.numel)
-            for job, v in zip(plan.jobs, tensors, strict=True):
-                yield gi, job.name, self._tensor(job, v)
-
-    def _tensor(self, job: ParamJob, v: Tensor) -> Tensor:
-        """``job``'s tensor from its base block ``v`` (flat, laid out by :meth:`_segment_plan`): a view, or,
-        where tiles repeat beyond ``tile_limit``, the block repeated."""
-        ga, gb = self._grid(job)
-        o, i, kh, kw = job.view
-        if job.route in ("1d", "cls_b"):
-            return (v if len(v) == o else _repeat_to(v, (o,))).view(job.shape)
-        ob = o if job.route == "cls" else min(o, ga * self.config.chunk[0])
-        ib = min(i, gb * self.config.chunk[1])
-        channels_last = job.ptype in _CONV_TYPES and len(job.shape) == 4
-        if (ob, ib) == (o, i):
-            return v.view(o, kh, kw, i).permute(0, 3, 1, 2) if channels_last else v.view(job.shape)
-        w = v.view(ob, kh, kw, ib).permute(0, 3, 1, 2) if channels_last else v.view(ob, ib, kh, kw)
-        return _repeat_to(w, (o, i, kh, kw)).reshape(job.shape)
+            for job, v, shape in zip(plan.jobs, tensors, plan.shapes, strict=True):
+                yield gi, job.name, _unflatten(v, job, shape)
 
 
 FREE_SUMS = 8  # residual sums a network may have before its branch outputs are scaled down
@@ -895,6 +936,17 @@ def last_layer_nodes(g: Graph) -> set[int]:
         if d in sinks and int(g.node_types[d]) == bias and out_deg[s] == 1:
             last.add(s)
     return last
+
+
+def _unflatten(v: Tensor, job: ParamJob, shape: tuple) -> Tensor:
+    """``job``'s tensor from its flat base block ``v`` (:meth:`GHN._segment_plan`): a view (permuted to
+    ``[o, i, kh, kw]`` for a channels-last conv weight), or, where tiles repeat beyond ``tile_limit``, the block
+    repeated."""
+    base, channels_last, full = shape
+    w = v.view(base)
+    if channels_last:
+        w = w.permute(0, 3, 1, 2)
+    return w if full is None else _repeat_to(w, full).reshape(job.shape)
 
 
 def _squash_rows(y: Tensor, kinds: np.ndarray) -> Tensor:
