@@ -303,7 +303,7 @@ class _PrefixLinear(torch.autograd.Function):
     ``z_r W[:n_r]^T + b[:n_r]``, ``n_r = lengths[r]``.
 
     One op, forward and backward: slicing ``W`` per run would give each run a weight gradient of ``W``'s full
-    size (zero-filled, then added), and gathering its rows would copy them; here the runs' weight gradients are
+    size (zero-filled, then added), and gathering its rows per run would copy them; here the runs' weight gradients are
     accumulated into one buffer, ``dW[:n_r] += g_r^T z_r``. Consecutive runs of one length share one product.
     """
 
@@ -439,9 +439,8 @@ class ConvDecoder(nn.Module):
         by_width = torch.from_numpy(_ragged_arange(first, sizes)).to(dev)
         z = torch.cat([z.reshape(-1, h0) for z in zs]).index_select(0, by_width)
         z = torch.relu(self.conv1(z))  # [R, h1]
-        cut = (
-            np.flatnonzero(np.diff(layout) | np.diff(length) | np.diff(kind)) + 1
-        )  # runs of one (layout, length, kind)
+        # runs of one (layout, length, kind)
+        cut = np.flatnonzero(np.diff(layout) | np.diff(length) | np.diff(kind)) + 1
         first_of_run = np.concatenate([[0], cut]).astype(np.int64)
         run_layout, run_length = layout[first_of_run].tolist(), length[first_of_run].tolist()
         run_rows = [int(s.sum()) for s in np.split(sizes, cut)]
