@@ -17,6 +17,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -278,9 +279,10 @@ class GraphormerLayer(nn.Module):
         q, k, v = self.qkv(self.ln1(h)).reshape(n_all, 3, heads, dh).permute(1, 2, 0, 3)
         table = (self.sp_fw.weight[:, None, :] + self.sp_bw.weight[None, :, :]).flatten(0, 1)  # [B^2, heads]
         parts: list[Tensor] = []
-        start = 0
-        for bias, pair in zip(biases, pairs, strict=True):
-            qg, kg, vg = (t[:, start : start + bias.n] for t in (q, k, v))
+        sizes = [b.n for b in biases]  # split, not slices: one backward op each, not a zero-filled copy per graph
+        for bias, pair, qg, kg, vg in zip(
+            biases, pairs, q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), strict=True
+        ):
             if pair is not None:
                 mask = table.index_select(0, pair).t().view(heads, bias.n, bias.n)
                 att = torch.baddbmm(mask, qg, kg.transpose(1, 2), alpha=dh**-0.5).softmax(-1)
@@ -291,10 +293,60 @@ class GraphormerLayer(nn.Module):
                     fw, bw = bias.rows(r0, r1)
                     mask = (self.sp_fw(fw) + self.sp_bw(bw)).permute(2, 0, 1)  # [heads, rows, N]
                     parts.append(F.scaled_dot_product_attention(qg[:, r0:r1], kg, vg, attn_mask=mask))
-            start += bias.n
         att = torch.cat(parts, 1).transpose(0, 1).reshape(n_all, d)
         h = h + self.proj(att)
         return h + self.mlp(self.ln2(h))
+
+
+class _PrefixLinear(torch.autograd.Function):
+    """Linear maps with prefixes of one weight: run ``r`` of the rows of ``z`` (``rows[r]`` rows) gives
+    ``z_r W[:n_r]^T + b[:n_r]``, ``n_r = lengths[r]``.
+
+    One op, forward and backward: slicing ``W`` per run would give each run a weight gradient of ``W``'s full
+    size (zero-filled, then added), and gathering its rows per run would copy them; here the runs' weight gradients are
+    accumulated into one buffer, ``dW[:n_r] += g_r^T z_r``. Consecutive runs of one length share one product.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, z: Tensor, weight: Tensor, bias: Tensor, rows: list[int], lengths: list[int]
+    ) -> tuple[Tensor, ...]:
+        ctx.save_for_backward(z, weight)
+        ctx.rows, ctx.lengths = rows, lengths
+        outs: list[Tensor] = []
+        for zs, n, sizes in _prefix_groups(z, rows, lengths):
+            outs += torch.addmm(bias[:n], zs, weight[:n].t()).split(sizes)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        z, weight = ctx.saved_tensors
+        gz, gw, gb = torch.empty_like(z), torch.zeros_like(weight), weight.new_zeros(weight.shape[0])
+        at, r0 = 0, 0
+        for zs, n, sizes in _prefix_groups(z, ctx.rows, ctx.lengths):
+            g = [
+                t if t is not None else z.new_zeros(m, n)
+                for t, m in zip(grads[at : at + len(sizes)], sizes, strict=True)
+            ]
+            g = g[0] if len(g) == 1 else torch.cat(g)
+            torch.mm(g, weight[:n], out=gz[r0 : r0 + len(zs)])
+            gw[:n].addmm_(g.t(), zs)
+            gb[:n] += g.sum(0)
+            at, r0 = at + len(sizes), r0 + len(zs)
+        return gz, gw, gb, None, None
+
+
+def _prefix_groups(z: Tensor, rows: list[int], lengths: list[int]) -> Iterator[tuple[Tensor, int, list[int]]]:
+    """``(rows of z, prefix length, run sizes)`` for each group of consecutive runs of one prefix length."""
+    r0, r = 0, 0
+    while r < len(rows):
+        end = r
+        while end + 1 < len(rows) and lengths[end + 1] == lengths[r]:
+            end += 1
+        sizes = rows[r : end + 1]
+        yield z[r0 : r0 + sum(sizes)], lengths[r], sizes
+        r0 += sum(sizes)
+        r = end + 1
 
 
 class ConvDecoder(nn.Module):
@@ -309,6 +361,9 @@ class ConvDecoder(nn.Module):
     meta-batch at once: ``W_0`` once per kernel size (its rows for those positions), ``W_1`` once, and ``W_2``
     once per input width ``i`` (all ``co`` output rows: slicing ``o`` as well would mean one weight copy per
     ``(o, i)`` pair, ~38 MB per meta-batch, and that gather and its backward cost more than the spare rows).
+    The outputs a tile needs are a prefix of ``W_2``'s rows reordered: input-major (all ``co`` outputs of the
+    first ``i`` inputs) or in shell order (the ``m x m`` corner, ``m = max(o, i)``), whichever is shorter
+    (:meth:`row_layout`); on the meta-training pool that computes 29% fewer outputs than input-major alone.
     GHN-2's dedicated classifier predictor maps the ``out`` axis of a 1x1 tile to the class count:
     ``W_c\\,\\mathrm{ReLU}(T)`` (:meth:`classify`).
     """
@@ -325,63 +380,90 @@ class ConvDecoder(nn.Module):
         nn.init.normal_(self.out.weight, std=1.0 / math.sqrt(h1 * 0.5))
         nn.init.zeros_(self.out.bias)
         self.classifier = nn.Linear(self.co, classes) if classes > 0 else None
+        # W_2's outputs (c, d) in "shell" order (by max(c, d)): the o x i corner of a tile is within the first
+        # min(m, co) * min(m, ci) of them, m = max(o, i)
+        c, d = np.meshgrid(np.arange(self.co), np.arange(self.ci), indexing="ij")
+        self._shell_rows = np.lexsort((c.ravel(), d.ravel(), np.maximum(c, d).ravel()))  # row c * ci + d of W_2
+        self._shell_pos = np.empty(self.co * self.ci, dtype=np.int64)
+        self._shell_pos[self._shell_rows] = np.arange(self.co * self.ci)
 
-    def forward(self, e: Tensor, kernels: list[tuple[int, int]], widths: list[int]) -> list[Tensor]:
-        """Decoded tiles for tile embeddings ``e [T, hid]``: tile ``t`` is ``kernels[t]`` positions by
-        ``widths[t]`` inputs; tiles of one width must be consecutive.
+    def row_layout(self, o: int, i: int) -> tuple[int, int]:
+        """``(layout, row length)`` of a tile's decoded rows for its ``o x i`` corner: input-major (``0``,
+        ``co * i`` outputs: all ``co`` outputs of the first ``i`` inputs) or shell order (``1``), whichever
+        computes fewer outputs; a ``16 x 16`` corner needs 256 outputs in shell order, 1,024 input-major."""
+        m = max(o, i)
+        shell = min(m, self.co) * min(m, self.ci)
+        return (1, shell) if shell < self.co * i else (0, self.co * i)
 
-        Returns one ``[rows, co, i]`` per run of width ``i``: the run's tiles' positions in order (row-major
-        within a tile), each row ``T[:, :i, y, x]``. ``W_0``'s rows are gathered per kernel size (a 1x1 tile
-        needs 1 of the ``k^2`` positions) and the rows reordered from kernel-size to width order in one gather.
+    def row_position(self, layout: int, c: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """Position of output ``c``, input ``d`` within a decoded row of ``layout`` (:meth:`row_layout`)."""
+        return d * self.co + c if layout == 0 else self._shell_pos[c * self.ci + d]
+
+    def forward(
+        self, e: Tensor, kernels: np.ndarray, layout: np.ndarray, length: np.ndarray, kind: np.ndarray
+    ) -> list[Tensor]:
+        """Decoded tiles for tile embeddings ``e [T, hid]``: tile ``t`` is ``kernels[t] = (kh, kw)`` positions, each
+        a row of the first ``length[t]`` outputs of ``T[:, :, y, x]`` in ``layout[t]`` (:meth:`row_layout`);
+        tiles of one layout are consecutive, input-major ones first.
+
+        Returns one ``[rows, length]`` per run of consecutive tiles of one ``(layout, length, kind)`` (the rows: the
+        run's tiles' positions in order, row-major within a tile). ``W_0``'s rows are gathered per kernel size
+        (a 1x1 tile needs 1 of the ``k^2`` positions) and the rows reordered from kernel-size to run order in
+        one gather; ``W_2``'s rows for a run are a prefix of ``W_2`` reordered input-major or into shell order
+        (:class:`_PrefixLinear`: no gather of weight rows per run). The index arithmetic is numpy over tiles:
+        no Python loop over tiles or rows.
         """
         dev, k, h0 = e.device, self.k, self.h0
-        by_kernel: dict[tuple[int, int], list[int]] = {}
-        for t, kt in enumerate(kernels):
-            by_kernel.setdefault(kt, []).append(t)
-        pos = {
-            kt: [(y + (k - kt[0]) // 2) * k + x + (k - kt[1]) // 2 for y in range(kt[0]) for x in range(kt[1])]
-            for kt in by_kernel
-        }  # centre positions of the k x k grid, row-major
-        fc_rows = [torch.tensor([c * k * k + p for c in range(h0) for p in pos[kt]], device=dev) for kt in by_kernel]
-        idx = torch.cat(fc_rows)
+        kernels, layout, length = np.asarray(kernels).reshape(-1, 2), np.asarray(layout), np.asarray(length)
+        kind = np.asarray(kind)
+        sizes = kernels[:, 0] * kernels[:, 1]
+        first = np.empty(len(kernels), dtype=np.int64)  # each tile's first row in kernel-size order
+        fc_rows, groups, done = [], [], 0
+        for kh, kw in np.unique(kernels, axis=0).tolist():
+            ts = np.flatnonzero((kernels[:, 0] == kh) & (kernels[:, 1] == kw))
+            ys, xs = np.arange(kh) + (k - kh) // 2, np.arange(kw) + (k - kw) // 2
+            pos = (ys[:, None] * k + xs).ravel()  # centre positions of the k x k grid, row-major
+            fc_rows.append((np.arange(h0)[:, None] * (k * k) + pos).ravel())
+            groups.append((ts, len(pos)))
+            first[ts] = done + np.arange(len(ts)) * len(pos)
+            done += len(ts) * len(pos)
+        idx = torch.from_numpy(np.concatenate(fc_rows)).to(dev)
         fcw = self.fc.weight.index_select(0, idx).split([len(r) for r in fc_rows])
         fcb = self.fc.bias.index_select(0, idx).split([len(r) for r in fc_rows])
-        zs, order = [], []  # z rows per kernel size, and which (tile, position) each row is
-        for (kt, ts), w, b in zip(by_kernel.items(), fcw, fcb, strict=True):
-            p = len(pos[kt])
-            zs.append(
-                torch.relu(F.linear(e.index_select(0, torch.tensor(ts, device=dev)), w, b))
-                .view(len(ts), h0, p)
-                .transpose(1, 2)
-            )
-            order += [(t, q) for t in ts for q in range(p)]
-        row = {tq: r for r, tq in enumerate(order)}
-        by_width = [row[(t, q)] for t, kt in enumerate(kernels) for q in range(kt[0] * kt[1])]
-        z = torch.cat([z.reshape(-1, h0) for z in zs]).index_select(0, torch.tensor(by_width, device=dev))
+        zs = [
+            torch.relu(F.linear(e.index_select(0, torch.from_numpy(ts).to(dev)), w, b))
+            .view(len(ts), h0, p)
+            .transpose(1, 2)
+            for (ts, p), w, b in zip(groups, fcw, fcb, strict=True)
+        ]
+        by_width = torch.from_numpy(_ragged_arange(first, sizes)).to(dev)
+        z = torch.cat([z.reshape(-1, h0) for z in zs]).index_select(0, by_width)
         z = torch.relu(self.conv1(z))  # [R, h1]
-        runs: dict[int, int] = {}  # width -> rows
-        for kt, i in zip(kernels, widths, strict=True):
-            runs[i] = runs.get(i, 0) + kt[0] * kt[1]
-        narrow = [i for i in runs if i < self.ci]
-        if narrow:  # the rows of every narrow width in one gather (its backward is one index_add_)
-            rows = [
-                (torch.arange(self.co, device=dev)[:, None] * self.ci + torch.arange(i, device=dev)).flatten()
-                for i in narrow
-            ]
-            idx = torch.cat(rows)
-            ws = iter(self.out.weight.index_select(0, idx).split([len(r) for r in rows]))
-            bs = iter(self.out.bias.index_select(0, idx).split([len(r) for r in rows]))
-        out = []
-        for i, zi in zip(runs, z.split(list(runs.values())), strict=True):
-            w, b = (next(ws), next(bs)) if i < self.ci else (self.out.weight, self.out.bias)
-            out.append(F.linear(zi, w, b).view(len(zi), self.co, i))
-        return out
+        # runs of one (layout, length, kind)
+        cut = np.flatnonzero(np.diff(layout) | np.diff(length) | np.diff(kind)) + 1
+        first_of_run = np.concatenate([[0], cut]).astype(np.int64)
+        run_layout, run_length = layout[first_of_run].tolist(), length[first_of_run].tolist()
+        run_rows = [int(s.sum()) for s in np.split(sizes, cut)]
+        outs: list[Tensor] = []
+        zs = z.split([sum(r for r, q in zip(run_rows, run_layout, strict=True) if q == lay) for lay in (0, 1)])
+        for lay, z_lay in enumerate(zs):
+            runs = [n for n, q in enumerate(run_layout) if q == lay]
+            if not runs:
+                continue
+            if lay == 0:  # input-major: width i's outputs are the first i * co
+                w2 = self.out.weight.view(self.co, self.ci, -1).transpose(0, 1).reshape(self.ci * self.co, -1)
+                b2 = self.out.bias.view(self.co, self.ci).t().reshape(-1)
+            else:
+                rows = torch.from_numpy(self._shell_rows).to(dev)
+                w2, b2 = self.out.weight.index_select(0, rows), self.out.bias.index_select(0, rows)
+            outs += _PrefixLinear.apply(z_lay, w2, b2, [run_rows[n] for n in runs], [run_length[n] for n in runs])
+        return outs
 
     def classify(self, t: Tensor) -> Tensor:
-        """Classifier tiles ``[R, classes, i]`` from 1x1 tiles ``t [R, co, i]``."""
+        """Classifier tiles ``[R, i, classes]`` from input-major 1x1 tiles ``t [R, i, co]``."""
         if self.classifier is None:
             raise ValueError("this GHN has no classifier predictor (no DatasetInfo)")
-        return self.classifier(torch.relu(t).transpose(1, 2)).transpose(1, 2)
+        return self.classifier(torch.relu(t))
 
 
 @dataclass
@@ -412,10 +494,41 @@ class PreparedGraph:
     feats: dict[str, Tensor]
     bias: DistanceBias
     jobs: list[ParamJob] = field(default_factory=list)
+    cache: dict = field(default_factory=dict, repr=False)  # per GHN config: tile count, decoding plan
 
     @property
     def n(self) -> int:
         return self.graph.num_nodes
+
+
+@dataclass
+class _SegmentPlan:
+    """How the tensors of some jobs (a graph's, or a group of a huge graph's) are cut from their decoded tiles.
+
+    The decoders' outputs for these jobs are concatenated into one source vector: the conv decoder's tiles
+    by (row layout, classifier?, row length), then the 1-D tiles, the
+    classifier-bias rows, and one zero (the padding of kernels larger than the chunk's). ``index`` gathers
+    every predicted element from it into one flat buffer: job after job, each job's base block (its first
+    ``tile_limit`` tiles per dimension; beyond, tiles repeat) in its final memory order.
+    """
+
+    jobs: list[ParamJob]
+    numel: list[int]  # base-block elements per job
+    shapes: list[tuple]  # per job: (base-block shape, channels-last?, shape repeated to or None): see _unflatten
+    index: Tensor  # [sum numel] source positions
+    kind: np.ndarray  # per job: squash kind (index into _KINDS)
+    gain: np.ndarray  # per job: node type of its learned gain, NUM_TYPES for none (tensors of < 2 dims)
+    factor: np.ndarray  # per job: norm_rule's factor times the depth scale
+    conv_job: np.ndarray  # per conv tile, in source order: its job, tile code, kernel, row layout, ...
+    conv_code: np.ndarray
+    conv_kernel: np.ndarray
+    conv_layout: np.ndarray
+    conv_cls: np.ndarray  # ... classifier tile?, row length (ConvDecoder.row_layout), input width
+    conv_length: np.ndarray
+    conv_width: np.ndarray
+    vec_job: np.ndarray  # per 1-D tile: its job, tile code
+    vec_code: np.ndarray
+    cb_job: np.ndarray  # per classifier-bias row: its job
 
 
 class GHN(nn.Module):
@@ -535,6 +648,10 @@ class GHN(nn.Module):
         :data:`DENSE_NODES` nodes are attended in one call each, with their dense distances kept.
         """
         prepared = [self.prepare(g) for g in graphs]
+        return list(self._embed(prepared).split([p.n for p in prepared]))
+
+    def _embed(self, prepared: list[PreparedGraph]) -> Tensor:
+        """:meth:`embed` of all graphs, concatenated ``[sum N_g, hid]``."""
         feats = [self.node_features(p) for p in prepared]
         h = torch.cat([f[0] for f in feats])
         biases = [f[1] for f in feats]
@@ -542,7 +659,7 @@ class GHN(nn.Module):
         pairs = [b.pairs(buckets) if b.n <= DENSE_NODES else None for b in biases]
         for layer in self.layers:
             h = layer(h, biases, pairs)
-        return list(self.ln(h).split([p.n for p in prepared]))
+        return self.ln(h)
 
     def forward(self, graphs: Graph | PreparedGraph | list) -> list[dict[str, Tensor]]:
         """Predict every supported parameter of each graph's network.
@@ -562,28 +679,46 @@ class GHN(nn.Module):
     ) -> Iterator[tuple[int, str, Tensor]]:
         """Yield ``(graph index, parameter name, tensor)`` one tensor at a time.
 
-        Tensors are decoded in groups of about ``decode_batch`` tiles; within a group, tiles of one size are
-        decoded in one call. A consumer that writes each tensor into its model straight away (as
-        :func:`~quicktrain.ghn.predict_into` does) never holds more than one group of predictions, which keeps
-        huge models within memory.
+        Tensors are decoded in groups of about ``decode_batch`` tiles (whole graphs where a graph has fewer
+        tiles, so its :class:`_SegmentPlan` is kept on its :class:`PreparedGraph` and reused); within a group,
+        tiles of one size are decoded in one call. A consumer that writes each tensor into its model straight
+        away (as :func:`~quicktrain.ghn.predict_into` does) never holds more than one group of predictions,
+        which keeps huge models within memory.
         """
         prepared = [self.prepare(g) for g in graphs]
-        h = torch.cat(self.embed(prepared))
-        offsets = [0]
-        for p in prepared[:-1]:
-            offsets.append(offsets[-1] + p.n)
-        embs = (h, offsets)
-        group: list[tuple[int, ParamJob]] = []
-        tiles = 0
+        h = self._embed(prepared)
+        group: list[tuple[int, int, _SegmentPlan]] = []  # (graph index, node offset, plan)
+        tiles, offset = 0, 0
         for gi, p in enumerate(prepared):
-            for job in p.jobs:
-                group.append((gi, job))
-                tiles += math.prod(self._grid(job))
-                if tiles >= decode_batch:
-                    yield from self._decode_group(embs, group)
+            n_tiles = p.cache.get(("tiles", self.config))
+            if n_tiles is None:
+                n_tiles = p.cache[("tiles", self.config)] = sum(math.prod(self._grid(job)) for job in p.jobs)
+            if n_tiles <= decode_batch:
+                if group and tiles + n_tiles > decode_batch:
+                    yield from self._decode_segments(h, group)
                     group, tiles = [], 0
+                key = ("plan", self.config, h.device)
+                if key not in p.cache:
+                    p.cache[key] = self._segment_plan(p.jobs, h.device)
+                group.append((gi, offset, p.cache[key]))
+                tiles += n_tiles
+            else:  # a huge graph: groups of its tensors, planned on the fly and not kept
+                if group:
+                    yield from self._decode_segments(h, group)
+                    group, tiles = [], 0
+                jobs: list[ParamJob] = []
+                for job in p.jobs:
+                    jobs.append(job)
+                    tiles += math.prod(self._grid(job))
+                    if tiles >= decode_batch:
+                        yield from self._decode_segments(h, [(gi, offset, self._segment_plan(jobs, h.device))])
+                        jobs, tiles = [], 0
+                if jobs:
+                    yield from self._decode_segments(h, [(gi, offset, self._segment_plan(jobs, h.device))])
+                    tiles = 0
+            offset += p.n
         if group:
-            yield from self._decode_group(embs, group)
+            yield from self._decode_segments(h, group)
 
     def _grid(self, job: ParamJob) -> tuple[int, int]:
         """Distinct tiles along out and in (at most ``tile_limit`` each)."""
@@ -597,118 +732,199 @@ class GHN(nn.Module):
         co, ci = c.chunk[:2]
         return (1 if job.route == "cls" else min(lim, math.ceil(o / co))), min(lim, math.ceil(i / ci))
 
-    def _decode_group(
-        self, embs: tuple[Tensor, list[int]], group: list[tuple[int, ParamJob]]
-    ) -> Iterator[tuple[int, str, Tensor]]:
-        """Decode ``group``'s tensors (``embs``: all graphs' node embeddings and graph offsets) all at once.
+    def _segment_plan(self, jobs: list[ParamJob], device: torch.device) -> _SegmentPlan:
+        """Where each element of ``jobs``' tensors comes from in their decoded tiles (see :class:`_SegmentPlan`).
 
-        Each route is one decoder call for the whole group (the conv decoder: one ``W_2`` product per input
-        width), normalised row by row (:meth:`_normalize`), then cut into tiles with ``split``/``unbind``:
-        one backward op each, where indexing per tile would give every tile a full-size zero-filled gradient.
-        A tensor is assembled from views of its tiles. Tiles of one input width are kept together, classifier
-        tiles last within their width, so the decoder's runs are contiguous.
+        A tensor ``[o, i, kh, kw]`` of ``ga x gb`` tiles: element ``(r, s, y, x)`` of its base block (the first
+        ``min(o, ga co)`` rows and ``min(i, gb ci)`` columns; beyond, tiles repeat) is element
+        ``(r mod co, s mod ci)`` of tile ``(r // co, s // ci)`` at kernel position ``(y, x)`` minus the centre
+        padding, or the source's zero where the kernel is larger than the chunk's. 4-D convolution weights are
+        laid out channels-last ``[o, kh, kw, i]``, what the predicted convolutions run in; others row-major.
         """
-        h, offsets = embs
         c = self.config
         co, ci, k, _ = c.chunk
-        dev, lim = h.device, c.tile_limit
-        conv: list[tuple[int, int, int, int, int, int, int]] = []  # (j, a, b, o, i, kh, kw) per conv tile
-        vec: list[tuple[int, int]] = []  # (j, a) of each 1-D tile
-        cls_b: list[int] = []
-        for j, (_, job) in enumerate(group):
+        classes = self.dataset.num_classes if self.dataset is not None else 0
+        conv: list[tuple[int, ...]] = []  # (layout, cls, row length, width, j, a, b, code, kh, kw) per conv tile
+        for j, job in enumerate(jobs):
+            if job.route in ("nd", "cls"):
+                ga, gb = self._grid(job)
+                o, i, kh, kw = job.view
+                kt = (1, 1) if job.route == "cls" else (min(kh, k), min(kw, k))
+                ob, ib = min(o, ga * co), min(i, gb * ci)
+                cls = int(job.route == "cls")
+                for a in range(ga):
+                    for b in range(gb):
+                        w = min(ci, ib - b * ci)  # classifier tiles: all co outputs, input-major (classify's input)
+                        lay, n = (0, co * w) if cls else self.decoder.row_layout(min(co, ob - a * co), w)
+                        conv.append((lay, cls, n, w, j, a, b, a * c.tile_limit + b, *kt))
+        conv.sort(key=lambda t: t[:3])  # stable: job and tile order within (layout, classifier?, row length)
+        start: dict[tuple[int, int, int], int] = {}  # (job, a, b) -> first element in the source
+        tile: dict[tuple[int, int, int], tuple[int, int]] = {}  # (job, a, b) -> (layout, row length)
+        size = 0
+        for lay, cls, n, w, j, a, b, _, kh, kw in conv:
+            start[(j, a, b)], tile[(j, a, b)] = size, (lay, n)
+            size += classes * w if cls else kh * kw * n
+        vec, cb = [], []
+        for j, job in enumerate(jobs):
+            if job.route == "1d":
+                for a in range(self._grid(job)[0]):
+                    start[(j, a, 0)] = size
+                    vec.append((j, a * c.tile_limit))
+                    size += c.chunk_1d
+            elif job.route == "cls_b":
+                start[(j, 0, 0)] = size
+                cb.append(j)
+                size += classes
+        zero = size  # the source ends with one zero
+        index, numel, shapes = [], [], []
+        for j, job in enumerate(jobs):
             ga, gb = self._grid(job)
             o, i, kh, kw = job.view
-            if job.route == "1d":
-                vec += [(j, a) for a in range(ga)]
-            elif job.route == "cls_b":
-                cls_b.append(j)
+            if job.route in ("1d", "cls_b"):
+                e = np.arange(min(o, ga * c.chunk_1d) if job.route == "1d" else o)
+                src = np.array([start[(j, a, 0)] for a in range(ga)])[e // c.chunk_1d] + e % c.chunk_1d
+                shapes.append((job.shape, False, None) if len(e) == o else ((len(e),), False, (o,)))
             else:
-                ob, ib = min(o, ga * co), min(i, gb * ci)
-                kt = (1, 1) if job.route == "cls" else (min(kh, k), min(kw, k))
-                conv += [
-                    (j, a, b, min(co, ob - a * co), min(ci, ib - b * ci), *kt) for a in range(ga) for b in range(gb)
-                ]
-        conv.sort(key=lambda t: (t[4], group[t[0]][1].route == "cls"))
+                ob, ib = o if job.route == "cls" else min(o, ga * co), min(i, gb * ci)
+                channels_last = job.ptype in _CONV_TYPES and len(job.shape) == 4
+                if (ob, ib) == (o, i):
+                    shapes.append(((o, kh, kw, i), True, None) if channels_last else (job.shape, False, None))
+                else:
+                    base = (ob, kh, kw, ib) if channels_last else (ob, ib, kh, kw)
+                    shapes.append((base, channels_last, (o, i, kh, kw)))
+                r, s = np.arange(ob)[:, None], np.arange(ib)
+                st = np.array([[start[(j, a, b)] for b in range(gb)] for a in range(ga)])[r // co, s // ci]
+                if job.route == "cls":  # tile [i, classes]
+                    src = st + (s % ci) * classes + r
+                else:
+                    lay, n = np.array([[tile[(j, a, b)] for b in range(gb)] for a in range(ga)]).transpose(2, 0, 1)
+                    lay, n = lay[r // co, s // ci], n[r // co, s // ci]
+                    at = np.where(lay == 0, *(self.decoder.row_position(q, r % co, s % ci) for q in (0, 1)))
+                    kt = (min(kh, k), min(kw, k))
+                    y = np.arange(kh)[:, None] - (kh - kt[0]) // 2
+                    x = np.arange(kw) - (kw - kt[1]) // 2
+                    inside = (y >= 0) & (y < kt[0]) & (x >= 0) & (x < kt[1])
+                    q = (y * kt[1] + x)[None, None]  # position within the tile
+                    src = (st + at)[:, :, None, None] + q * n[..., None, None]
+                    src = np.where(inside[None, None], src, zero)
+                    if channels_last:
+                        src = src.transpose(0, 2, 3, 1)
+            index.append(src.ravel())
+            numel.append(src.size)
+        index_t = torch.from_numpy(np.concatenate(index))
+        return _SegmentPlan(
+            jobs=jobs,
+            numel=numel,
+            shapes=shapes,
+            index=(index_t.int() if zero < 2**31 else index_t).to(device),
+            kind=np.array([_KINDS.index(job.squash) for job in jobs], dtype=np.int64),
+            gain=np.array([job.ptype.id if len(job.shape) >= 2 else NUM_TYPES for job in jobs], dtype=np.int64),
+            factor=np.array([job.factor for job in jobs], dtype=np.float64),
+            conv_job=np.array([t[4] for t in conv], dtype=np.int64),
+            conv_code=np.array([t[7] for t in conv], dtype=np.int64),
+            conv_kernel=np.array([t[8:] for t in conv], dtype=np.int64).reshape(-1, 2),
+            conv_layout=np.array([t[0] for t in conv], dtype=np.int64),
+            conv_cls=np.array([t[1] for t in conv], dtype=np.int64),
+            conv_length=np.array([t[2] for t in conv], dtype=np.int64),
+            conv_width=np.array([t[3] for t in conv], dtype=np.int64),
+            vec_job=np.array([v[0] for v in vec], dtype=np.int64),
+            vec_code=np.array([v[1] for v in vec], dtype=np.int64),
+            cb_job=np.array(cb, dtype=np.int64),
+        )
 
-        def nodes(js: list[int]) -> Tensor:
-            return h.index_select(0, torch.tensor([offsets[group[j][0]] + group[j][1].node for j in js], device=dev))
+    def _decode_segments(
+        self, h: Tensor, segs: list[tuple[int, int, _SegmentPlan]]
+    ) -> Iterator[tuple[int, str, Tensor]]:
+        """Decode the tensors of ``segs`` (``(graph index, its first row in h, plan)``) all at once.
 
+        Each decoder runs once for all segments: the conv decoder over all their tiles ordered by
+        (width, classifier?, segment) (one ``W_2`` product per width), the 1-D decoder and the classifier-bias
+        predictor over all their rows. Fan-in normalisation, depth scale and type gain (:func:`norm_rule`) are
+        elementwise, so they are applied to whole decoder outputs, one coefficient per row. Each segment's
+        outputs are concatenated into its source vector, and one gather (:attr:`_SegmentPlan.index`) cuts,
+        crops, pads and lays out all its tensors in one flat buffer; the tensors are views of it (tiles
+        repeated beyond ``tile_limit`` are the only copies). Per tensor this leaves one ``split`` output and a
+        ``view`` instead of a dozen slicing, concatenation and normalisation ops, forward and backward.
+        """
+        c = self.config
+        co = c.chunk[0]
+        dev, lim, dt = h.device, c.tile_limit, h.dtype
+        plans = [s[2] for s in segs]
+        n_seg = len(plans)
         grid = torch.stack(torch.meshgrid(torch.arange(lim), torch.arange(lim), indexing="ij"), -1).view(-1, 2)
-        codes = self.tile_proj(tile_code(grid.to(dev)).flatten(1).to(h.dtype))  # [lim^2, hid]: tile (a, b) at a lim + b
-        tiles: dict[int, dict[tuple[int, int], Tensor]] = {j: {} for j in range(len(group))}
-        if conv:
-            e = nodes([t[0] for t in conv]) + codes[torch.tensor([a * lim + b for _, a, b, *_ in conv], device=dev)]
-            runs: dict[int, list[int]] = {}  # input width -> conv tiles
-            for t, tile in enumerate(conv):
-                runs.setdefault(tile[4], []).append(t)
-            outs = self.decoder(e, [(kh, kw) for *_, kh, kw in conv], [t[4] for t in conv])
-            size = [kh * kw for *_, kh, kw in conv]
-            for ts, out in zip(runs.values(), outs, strict=True):
-                nd = [t for t in ts if group[conv[t][0]][1].route != "cls"]
-                n_nd = sum(size[t] for t in nd)
-                plain, head = out.split([n_nd, len(out) - n_nd])
-                if nd:
-                    jobs = [group[conv[t][0]][1] for t in nd for _ in range(size[t])]
-                    for t, w in zip(nd, self._normalize(plain, jobs).split([size[t] for t in nd]), strict=True):
-                        j, a, b, o, i, kh, kw = conv[t]
-                        # [o, i, kh, kw] in channels-last memory: what the predicted convolutions run in
-                        w = w[:, :o].transpose(0, 1).reshape(o, kh, kw, i).permute(0, 3, 1, 2)
-                        tiles[j][(a, b)] = w
-                if len(head):
-                    cls = ts[len(nd) :]
-                    head = self._normalize(self.decoder.classify(head), [group[conv[t][0]][1] for t in cls])
-                    for t, w in zip(cls, head.unbind(0), strict=True):
-                        tiles[conv[t][0]][(conv[t][1], conv[t][2])] = w
-        if vec:
-            codes_1d = codes[torch.tensor([a * lim for _, a in vec], device=dev)]
-            out = self._normalize(self.decoder_1d(nodes([j for j, _ in vec]) + codes_1d), [group[j][1] for j, _ in vec])
-            for (j, a), w in zip(vec, out.unbind(0), strict=True):
-                ob = min(group[j][1].view[0], self._grid(group[j][1])[0] * c.chunk_1d)  # decoded length
-                tiles[j][(a, 0)] = w[: min(c.chunk_1d, ob - a * c.chunk_1d)]
-        if cls_b:
+        codes = self.tile_proj(tile_code(grid.to(dev)).flatten(1).to(dt))  # [lim^2, hid]: tile (a, b) at a lim + b
+        # the segments' jobs in one numbering
+        first_job = np.cumsum([0] + [len(p.jobs) for p in plans])[:-1]
+        node = np.array([job.node + off for (_, off, p) in segs for job in p.jobs], dtype=np.int64)
+        kind, gain, factor = (np.concatenate([getattr(p, a) for p in plans]) for a in ("kind", "gain", "factor"))
+
+        def cat(attr: str, shift: np.ndarray | None = None) -> np.ndarray:  # a plan field of all segments
+            parts = [getattr(p, attr) for p in plans]
+            return np.concatenate(parts if shift is None else [a + s for a, s in zip(parts, shift, strict=True)])
+
+        conv_job, vec_job, cb_job = (cat(a, first_job) for a in ("conv_job", "vec_job", "cb_job"))
+        seg = np.repeat(np.arange(n_seg), [len(p.conv_job) for p in plans])
+        width, cls, kern = cat("conv_width"), cat("conv_cls"), cat("conv_kernel")
+        layout, length = cat("conv_layout"), cat("conv_length")
+        order = np.lexsort((seg, length, cls, layout))  # the plans' source order; stable: each segment's tiles
+        t_job, t_seg, t_cls, t_w = conv_job[order], seg[order], cls[order], width[order]
+        t_rows = kern[order, 0] * kern[order, 1]
+        row_job = np.repeat(t_job, t_rows)  # the job of each conv decoder row, in decoder order
+        # one coefficient per decoded row: factor * exp(gain) of its job (conv rows, 1-D rows, class-bias rows)
+        all_rows = np.concatenate([row_job, vec_job, cb_job])
+        gains = torch.cat([self.log_gain, self.log_gain.new_zeros(1)]).exp()  # index NUM_TYPES: no gain
+        coef = gains.index_select(0, torch.from_numpy(gain[all_rows]).to(dev))
+        coef = coef * torch.from_numpy(factor[all_rows]).to(device=dev, dtype=dt)
+
+        def normalize(y: Tensor, jobs: np.ndarray, coef: Tensor) -> Tensor:  # row r of y belongs to jobs[r]
+            return _squash_rows(y, kind[jobs]) * coef.view((-1,) + (1,) * (y.dim() - 1))
+
+        def tiles(jobs: np.ndarray, code: np.ndarray | None = None) -> Tensor:
+            e = h.index_select(0, torch.from_numpy(node[jobs]).to(dev))
+            return e if code is None else e + codes.index_select(0, torch.from_numpy(code).to(dev))
+
+        pieces: list[list[Tensor]] = [[] for _ in segs]
+        tail: list[list[Tensor]] = [[] for _ in segs]  # 1-D and classifier-bias outputs
+        if len(order):
+            t_n = length[order]
+            outs = self.decoder(tiles(t_job, cat("conv_code")[order]), kern[order], layout[order], t_n, t_cls)
+            cut = np.flatnonzero(np.diff(layout[order]) | np.diff(t_cls) | np.diff(t_n)) + 1
+            runs = np.split(np.arange(len(order)), cut)  # the decoder's runs, split where the kind changes
+            coefs = coef[: len(row_job)].split([int(t_rows[r].sum()) for r in runs])
+            r0 = 0
+            for run, out, coef_run in zip(runs, outs, coefs, strict=True):
+                rows = row_job[r0 : r0 + len(out)]
+                r0 += len(out)
+                if t_cls[run[0]]:
+                    i = int(t_w[run[0]])
+                    y = normalize(self.decoder.classify(out.view(len(out), i, co)), rows, coef_run)
+                    sizes = np.bincount(t_seg[run], minlength=n_seg) * y.shape[2] * i
+                else:
+                    y = normalize(out, rows, coef_run)
+                    sizes = np.bincount(t_seg[run], t_rows[run], minlength=n_seg).astype(np.int64) * int(t_n[run[0]])
+                for s, part in enumerate(y.reshape(-1).split(sizes.tolist())):
+                    if sizes[s]:
+                        pieces[s].append(part)
+        n_vec = [len(p.vec_job) for p in plans]
+        if sum(n_vec):
+            y = self.decoder_1d(tiles(vec_job, cat("vec_code")))
+            y = normalize(y, vec_job, coef[len(row_job) : len(row_job) + len(vec_job)])
+            for s, part in enumerate(y.view(-1).split([n * c.chunk_1d for n in n_vec])):
+                if n_vec[s]:
+                    tail[s].append(part)
+        n_cb = [len(p.cb_job) for p in plans]
+        if sum(n_cb):
             if self.class_bias is None:
                 raise ValueError("this GHN has no classifier predictor (no DatasetInfo)")
-            out = self._normalize(self.class_bias(nodes(cls_b)), [group[j][1] for j in cls_b])
-            for j, w in zip(cls_b, out.unbind(0), strict=True):
-                tiles[j][(0, 0)] = w
-        for j, (gi, job) in enumerate(group):
-            yield gi, job.name, self._assemble(job, tiles[j])
-
-    def _normalize(self, y: Tensor, jobs: list[ParamJob]) -> Tensor:
-        """:func:`normalize_param`, the residual depth scale and the learned type gain (tensors of >= 2 dims) of
-        each row's tensor, applied to decoded rows ``y [R, ...]`` (``jobs[r]``: row ``r``'s tensor).
-
-        All three are elementwise, so they commute with assembling tiles (repeats; kernels are zero-padded
-        only in ``"linear"`` tensors, where ``0`` stays ``0``) and are applied to whole decoder outputs.
-        """
-        view = (-1,) + (1,) * (y.dim() - 1)
-        kinds = [job.squash for job in jobs]
-        out = None
-        for kind in dict.fromkeys(kinds):
-            v = _SQUASH[kind](y)
-            if out is None:
-                out = v
-            else:
-                out = torch.where(torch.tensor([q == kind for q in kinds], device=y.device).view(view), v, out)
-        gain = torch.cat([self.log_gain, self.log_gain.new_zeros(1)])  # index NUM_TYPES: no gain
-        idx = torch.tensor([job.ptype.id if len(job.shape) >= 2 else NUM_TYPES for job in jobs], device=y.device)
-        coef = torch.tensor([job.factor for job in jobs], dtype=y.dtype, device=y.device) * gain[idx].exp()
-        return out * coef.view(view)
-
-    def _assemble(self, job: ParamJob, tiles: dict[tuple[int, int], Tensor]) -> Tensor:
-        """Concatenate a tensor's tiles, repeat the block beyond ``tile_limit`` tiles, fit kernel and shape."""
-        ga, gb = self._grid(job)
-        o, i, kh, kw = job.view
-        if job.route in ("1d", "cls_b"):
-            w = torch.cat([tiles[(a, 0)] for a in range(ga)]) if ga > 1 else tiles[(0, 0)]
-            return _repeat_to(w, (o,)).reshape(job.shape)
-        rows = [torch.cat([tiles[(a, b)] for b in range(gb)], 1) if gb > 1 else tiles[(a, 0)] for a in range(ga)]
-        w = torch.cat(rows, 0) if ga > 1 else rows[0]
-        if job.route == "cls":
-            w = w.unsqueeze(-1).unsqueeze(-1)
-        w = _repeat_to(w, (o, i, *w.shape[2:]))
-        w = _fit_dim(_fit_dim(w, 2, kh), 3, kw)
-        return w.reshape(job.shape)
+            y = normalize(self.class_bias(tiles(cb_job)), cb_job, coef[len(coef) - len(cb_job) :])
+            for s, part in enumerate(y.view(-1).split([n * y.shape[1] for n in n_cb])):
+                if n_cb[s]:
+                    tail[s].append(part)
+        zero = h.new_zeros(1)
+        for (gi, _, plan), src, rest in zip(segs, pieces, tail, strict=True):
+            tensors = torch.cat([*src, *rest, zero]).index_select(0, plan.index).split(plan.numel)
+            for job, v, shape in zip(plan.jobs, tensors, plan.shapes, strict=True):
+                yield gi, job.name, _unflatten(v, job, shape)
 
 
 FREE_SUMS = 8  # residual sums a network may have before its branch outputs are scaled down
@@ -761,6 +977,35 @@ def last_layer_nodes(g: Graph) -> set[int]:
     return last
 
 
+def _unflatten(v: Tensor, job: ParamJob, shape: tuple) -> Tensor:
+    """``job``'s tensor from its flat base block ``v`` (:meth:`GHN._segment_plan`): a view (permuted to
+    ``[o, i, kh, kw]`` for a channels-last conv weight), or, where tiles repeat beyond ``tile_limit``, the block
+    repeated."""
+    base, channels_last, full = shape
+    w = v.view(base)
+    if channels_last:
+        w = w.permute(0, 3, 1, 2)
+    return w if full is None else _repeat_to(w, full).reshape(job.shape)
+
+
+def _squash_rows(y: Tensor, kinds: np.ndarray) -> Tensor:
+    """``y`` with row ``r`` squashed by ``_SQUASH[_KINDS[kinds[r]]]``."""
+    present = np.unique(kinds).tolist()
+    if not present:
+        return y
+    out = _SQUASH[_KINDS[present[0]]](y)
+    view = (-1,) + (1,) * (y.dim() - 1)
+    for q in present[1:]:
+        out = torch.where(torch.from_numpy(kinds == q).to(y.device).view(view), _SQUASH[_KINDS[q]](y), out)
+    return out
+
+
+def _ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + n) for s, n in zip(starts, lengths)])`` without a Python loop."""
+    ends = np.cumsum(lengths)
+    return np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
+
+
 def _repeat_to(x: Tensor, size: tuple[int, ...]) -> Tensor:
     if tuple(x.shape) == tuple(size):  # no slicing op: its backward would allocate a zero-filled copy
         return x
@@ -768,25 +1013,6 @@ def _repeat_to(x: Tensor, size: tuple[int, ...]) -> Tensor:
     if any(r > 1 for r in reps):
         x = x.repeat(*reps)
     return x[tuple(slice(0, s) for s in size)]
-
-
-def _fit_dim(x: Tensor, dim: int, size: int) -> Tensor:
-    """Centre-crop (``size < current``) or centre zero-pad (``size > current``) dimension ``dim``."""
-    cur = x.shape[dim]
-    if size == cur:
-        return x
-    if size < cur:
-        start = (cur - size) // 2
-        return x.narrow(dim, start, size)
-    before = (size - cur) // 2
-    return F.pad(x, _pad_arg(x.dim(), dim, before, size - cur - before))
-
-
-def _pad_arg(ndim: int, dim: int, before: int, after: int) -> list[int]:
-    pad = [0] * (2 * ndim)
-    k = ndim - 1 - dim  # F.pad lists the last dimension first
-    pad[2 * k], pad[2 * k + 1] = before, after
-    return pad
 
 
 def norm_rule(ptype: PrimType, shape: tuple[int, ...], *, is_last: bool = False) -> tuple[str, float]:
@@ -813,6 +1039,7 @@ def norm_rule(ptype: PrimType, shape: tuple[int, ...], *, is_last: bool = False)
 
 
 _SQUASH = {"linear": lambda w: w, "sigmoid": lambda w: torch.sigmoid(0.5 * w), "tanh": lambda w: torch.tanh(0.2 * w)}
+_KINDS = tuple(_SQUASH)  # squash kinds in the order of a decoded flat buffer
 
 
 def normalize_param(w: Tensor, ptype: PrimType, *, is_last: bool = False) -> Tensor:
