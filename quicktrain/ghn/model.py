@@ -514,7 +514,7 @@ class _SegmentPlan:
 
     jobs: list[ParamJob]
     numel: list[int]  # base-block elements per job
-    shapes: list[tuple]  # per job: (base-block shape, channels-last?, shape repeated to or None): see _unflatten
+    shapes: list[tuple]  # per job: (base-block shape, channels-last?, shape repeated to or None): see _FlatViews
     index: Tensor  # [sum numel] source positions
     kind: np.ndarray  # per job: squash kind (index into _KINDS)
     gain: np.ndarray  # per job: node type of its learned gain, NUM_TYPES for none (tensors of < 2 dims)
@@ -922,9 +922,9 @@ class GHN(nn.Module):
                     tail[s].append(part)
         zero = h.new_zeros(1)
         for (gi, _, plan), src, rest in zip(segs, pieces, tail, strict=True):
-            tensors = torch.cat([*src, *rest, zero]).index_select(0, plan.index).split(plan.numel)
-            for job, v, shape in zip(plan.jobs, tensors, plan.shapes, strict=True):
-                yield gi, job.name, _unflatten(v, job, shape)
+            flat = torch.cat([*src, *rest, zero]).index_select(0, plan.index)
+            for job, w, (_, _, full) in zip(plan.jobs, _FlatViews.apply(flat, plan), plan.shapes, strict=True):
+                yield gi, job.name, w if full is None else _repeat_to(w, full).reshape(job.shape)
 
 
 FREE_SUMS = 8  # residual sums a network may have before its branch outputs are scaled down
@@ -977,15 +977,30 @@ def last_layer_nodes(g: Graph) -> set[int]:
     return last
 
 
-def _unflatten(v: Tensor, job: ParamJob, shape: tuple) -> Tensor:
-    """``job``'s tensor from its flat base block ``v`` (:meth:`GHN._segment_plan`): a view (permuted to
-    ``[o, i, kh, kw]`` for a channels-last conv weight), or, where tiles repeat beyond ``tile_limit``, the block
-    repeated."""
-    base, channels_last, full = shape
-    w = v.view(base)
-    if channels_last:
-        w = w.permute(0, 3, 1, 2)
-    return w if full is None else _repeat_to(w, full).reshape(job.shape)
+class _FlatViews(torch.autograd.Function):
+    """The base blocks of a plan's tensors as views of its flat buffer (:meth:`GHN._segment_plan`): block ``j``
+    is ``flat[s_j : s_j + numel_j]`` viewed as its base shape, permuted to ``[o, i, kh, kw]`` for a
+    channels-last conv weight.
+
+    One autograd node for all of a graph's tensors: ``split`` then ``view`` and ``permute`` per tensor gave
+    two or three nodes per tensor (~450 per meta-batch, forward and backward); the backward here is the
+    same data movement, the tensors' gradients laid out in block order and concatenated.
+    """
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, plan: _SegmentPlan) -> tuple[Tensor, ...]:
+        ctx.plan = plan
+        out = []
+        for v, (base, channels_last, _) in zip(flat.split(plan.numel), plan.shapes, strict=True):
+            w = v.view(base)
+            out.append(w.permute(0, 3, 1, 2) if channels_last else w)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:  # unused outputs' grads arrive as zeros
+        shapes = ctx.plan.shapes
+        parts = [(g.permute(0, 2, 3, 1) if cl else g).reshape(-1) for g, (_, cl, _) in zip(grads, shapes, strict=True)]
+        return torch.cat(parts), None
 
 
 def _squash_rows(y: Tensor, kinds: np.ndarray) -> Tensor:
