@@ -297,8 +297,8 @@ def tables(records: list[dict[str, Any]], header: str) -> str:
         comparisons = [(base, "")] if base else []
         if method in ("vanilla_wall", "kd", "linear", "netbooster_base"):
             comparisons.append(("netbooster", ""))
-        if method == "netbooster_base":
-            comparisons.append(("linear", ""))
+        if method == "netbooster_base":  # and the equal-wall-clock vanilla and KD, where they ran
+            comparisons += [(m, "") for m in ("linear", "vanilla_wall", "kd") if (model, m, "") in groups]
         if variant.endswith(" epochs"):  # learning curve: each budget against NetBooster at --epochs
             comparisons = [("netbooster", "")]
         elif variant:  # schedule study: each variant against the default schedule

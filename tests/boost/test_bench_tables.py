@@ -1,0 +1,39 @@
+"""benchmarks/boost.py's paired-difference table: the rows it adds for base supervision."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "boost.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_boost", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(method: str, seed: int, acc: float) -> dict:
+    return {"kind": "pretrain", "model": "m", "method": method, "variant": "", "seed": seed, "test_acc": acc,
+            "val_acc": acc, "train_acc": acc, "steps": 10, "train_wall_s": 1.0, "train_cpu_s": 1.0,
+            "params": 1, "macs": 1}
+
+
+def test_base_supervision_is_paired_with_equal_wall_vanilla_and_kd_only_where_they_ran() -> None:
+    accs = {"vanilla": [0.80, 0.82, 0.81], "netbooster": [0.81, 0.84, 0.815], "netbooster_base": [0.83, 0.845, 0.82],
+            "vanilla_wall": [0.82, 0.83, 0.84]}
+    records = [_row(m, s, a) for m, values in accs.items() for s, a in enumerate(values)]
+    text = _bench().tables(records, "header")
+    diffs = 100 * (np.array(accs["netbooster_base"]) - np.array(accs["vanilla_wall"]))
+    half = stats.t.ppf(0.975, 2) * diffs.std(ddof=1) / np.sqrt(3)
+    expected = f"| m | netbooster_base − vanilla_wall | {diffs.mean():+.2f} | [{diffs.mean() - half:+.2f}, " \
+               f"{diffs.mean() + half:+.2f}] | 3 |"
+    assert expected in text.splitlines()
+    # neither linear nor KD ran: no row (not a row of NaNs)
+    assert "netbooster_base − kd" not in text and "netbooster_base − linear" not in text
+    assert "nan" not in text
