@@ -77,10 +77,10 @@ def summary_rows(records: dict[str, list[report.RunRecord]], target: float) -> l
     baseline_wall = 0.0
     for name, runs in records.items():
         accs = {r.config["seed"]: r.final["test_acc"] for r in runs}
-        walls = [r.final["wall"] for r in runs]
+        wall = statistics.mean(r.final["wall"] for r in runs)
         reached = [t for r in runs if (t := r.time_to("test_acc", target)) is not None]
         if not rows:
-            baseline_acc, baseline_wall = accs, statistics.mean(walls)
+            baseline_acc, baseline_wall = accs, wall
         missing = sorted(set(accs) - set(baseline_acc))
         if missing:
             raise ValueError(
@@ -96,10 +96,10 @@ def summary_rows(records: dict[str, list[report.RunRecord]], target: float) -> l
                 name,
                 str(len(runs)),
                 f"{statistics.mean(accs.values()):.4f} ± {std:.4f}",
-                f"{statistics.mean(walls):.1f}",
+                f"{wall:.1f}",
                 f"{statistics.mean(reached):.1f} ({len(reached)}/{len(runs)})" if reached else "never",
                 paired,
-                f"{statistics.mean(walls) / baseline_wall:.2f}x",
+                f"{wall / baseline_wall:.2f}x",
             ]
         )
     return rows
