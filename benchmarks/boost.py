@@ -23,6 +23,10 @@ For each model and seed, in this order (so load on the machine hits the contende
 Each pre-trained tiny model (and one from scratch) is then fine-tuned on ``--transfer`` (all weights but the
 classifier loaded), and, as a second protocol, on only ``--transfer-labels`` training examples per class of it
 (the same test set; as many fine-tuning steps as the full protocol, so only the labels are fewer).
+``--transfer-repeats R`` fine-tunes each pre-trained model R times (fine-tuning seeds ``s, s + 100, ...``: the
+classifier's initialisation, the data order, the validation split and the labelled examples change, the
+pre-trained weights and the test set do not) and the downstream tables pair the per-seed means: R > 1 averages
+out the fine-tuning's own noise, which a single fine-tuning per seed leaves in the paired differences.
 ``--study`` runs NetBooster schedule variants instead; ``--cost`` times the giant's and the tiny network's
 training step in turns and profiles where the giant's time goes.
 
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import platform
@@ -267,7 +272,9 @@ def paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, floa
 
 
 def _by_seed(rows: list[dict[str, Any]], key: str = "test_acc") -> dict[int, float]:
-    return {r["seed"]: r[key] for r in rows}
+    """``key`` per seed: the mean over a seed's rows (its fine-tuning repeats; a pre-training has one row)."""
+    seeds = dict.fromkeys(r["seed"] for r in rows)
+    return {s: statistics.mean(r[key] for r in rows if r["seed"] == s) for s in seeds}
 
 
 def _group(row: dict[str, Any]) -> tuple[str, str, str]:
@@ -325,9 +332,12 @@ def tables(records: list[dict[str, Any]], header: str) -> str:
                 for method, rows in rows_of.items():
                     if not rows:
                         continue
-                    mean, low, high, n = paired(_by_seed(rows), _by_seed(rows_of["vanilla"]))
-                    diff = "" if method == "vanilla" else f"{mean:+.2f} [{low:+.2f}, {high:+.2f}] ({n} seeds)"
-                    lines.append(f"| {model} | {method} | {mean_std([r['test_acc'] for r in rows], 100)} | {diff} |")
+                    per_seed = _by_seed(rows)
+                    mean, low, high, n = paired(per_seed, _by_seed(rows_of["vanilla"]))
+                    repeats = min(sum(r["seed"] == s for r in rows) for s in per_seed)
+                    times = f" × {repeats} fine-tunings" if repeats > 1 else ""
+                    diff = "" if method == "vanilla" else f"{mean:+.2f} [{low:+.2f}, {high:+.2f}] ({n} seeds{times})"
+                    lines.append(f"| {model} | {method} | {mean_std(list(per_seed.values()), 100)} | {diff} |")
     return "\n".join(lines)
 
 
@@ -405,6 +415,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-labels", type=int, default=10,
                    help="labels per class of the low-label fine-tuning protocol (0 to skip it)")
     p.add_argument("--transfer-labels-batch-size", type=int, default=32)
+    p.add_argument("--transfer-repeats", type=int, default=1,
+                   help="fine-tunings of each pre-trained model (seeds s, s+100, ...), averaged per seed")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps of an epoch (at most one pass)")
     p.add_argument("--epochs", type=int, default=1, help="epochs of a run (--steps each)")
     p.add_argument("--curve", nargs="*", type=int, default=[],
@@ -460,7 +472,8 @@ def main(argv: list[str]) -> None:
                     and row["steps"] != args.steps * args.epochs):  # another budget: a learning-curve row
                 row["variant"] = f"{row['steps'] // args.steps} epochs"
             records.append(row)
-    seen = {(r["kind"], r["model"], r["method"], r.get("variant", ""), r["seed"]) for r in records}
+    seen = {(r["kind"], r["model"], r["method"], r.get("variant", ""), r["seed"], r.get("repeat", 0))
+            for r in records}
     done = {(r["model"], r["method"], r["seed"]): r for r in records
             if r["kind"] == "pretrain" and not r.get("variant")}
 
@@ -479,6 +492,9 @@ def main(argv: list[str]) -> None:
     if args.steps > FULL_EPOCH // args.batch_size:
         raise SystemExit(f"--steps {args.steps} exceeds one pass over the data ({FULL_EPOCH // args.batch_size} "
                          f"steps of batch {args.batch_size}); lower --steps or --batch-size")
+    if args.transfer_repeats < 1 or (args.transfer_repeats > 1 and max(args.seeds) >= 100):
+        raise SystemExit(f"--transfer-repeats {args.transfer_repeats} with seeds {args.seeds}: repeats must be >= 1, "
+                         "and with more than one the seeds must be below 100 (repeat r fine-tunes with seed s + 100 r)")
     steps_per_epoch = args.steps
     base = TrainConfig(dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device="cpu",
                        data_dir=args.data_dir, max_steps_per_epoch=steps_per_epoch, progress=False,
@@ -507,7 +523,7 @@ def main(argv: list[str]) -> None:
                 plan += [("vanilla", f"{e} epochs", {"epochs": e}) for e in args.curve if e != args.epochs]
             for method, variant, change in plan:
                 name = args.reference if method == "reference" else model
-                if ("pretrain", name, method, variant, seed) in seen:
+                if ("pretrain", name, method, variant, seed, 0) in seen:
                     continue
                 if variant == "default" and (model, seed) in main_boost:
                     record({**main_boost[(model, seed)], "variant": variant})
@@ -520,22 +536,25 @@ def main(argv: list[str]) -> None:
                 record(row)
                 if not variant:
                     done[(name, method, seed)] = row
-            for kind, tconfig in [] if args.study else protocols:
+            for (kind, tconfig), repeat in itertools.product([] if args.study else protocols,
+                                                            range(args.transfer_repeats)):
                 for method in ("scratch", *PRETRAINED):
                     source = None if method == "scratch" else done.get((model, method, seed), {}).get("out")
-                    if (kind, model, method, "", seed) in seen or (method != "scratch" and source is None):
+                    if (kind, model, method, "", seed, repeat) in seen or (method != "scratch" and source is None):
                         continue
-                    row = run_transfer(replace(tconfig, model=model, seed=seed), source)
+                    row = run_transfer(replace(tconfig, model=model, seed=seed + 100 * repeat), source)
                     if kind == "transfer_low":
                         row.update(labels_per_class=args.transfer_labels, epochs=tconfig.epochs)
-                    record({"kind": kind, "model": model, "method": method, "variant": "", "seed": seed, **row})
+                    record({"kind": kind, "model": model, "method": method, "variant": "", "seed": seed,
+                            "repeat": repeat, **row})
     header = (
         f"NetBooster on {args.dataset}: {args.epochs} epoch(s) of {args.steps} steps, batch "
         f"{args.batch_size}, AdamW lr {args.lr} cosine, seeds {args.seeds}; ratio {args.ratio}, depth {args.depth}, "
         f"layers '{args.layers}', PLT {args.plt_start}-{args.plt_end}; KD T={args.kd_temperature}, "
         f"alpha={args.kd_alpha}; transfer: {args.transfer or 'none'} ({args.transfer_epochs} epochs, batch "
         f"{args.transfer_batch_size}; low-label: {args.transfer_labels} per class, batch "
-        f"{args.transfer_labels_batch_size}, as many steps). CPU, one thread; training wall of all runs "
+        f"{args.transfer_labels_batch_size}, as many steps; {args.transfer_repeats} fine-tuning(s) per pre-trained "
+        f"model). CPU, one thread; training wall of all runs "
         f"{sum(r['train_wall_s'] for r in records):.0f}s.\n"
         f"Command: {command}"
     )

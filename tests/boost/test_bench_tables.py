@@ -37,3 +37,22 @@ def test_base_supervision_is_paired_with_equal_wall_vanilla_and_kd_only_where_th
     # neither linear nor KD ran: no row (not a row of NaNs)
     assert "netbooster_base − kd" not in text and "netbooster_base − linear" not in text
     assert "nan" not in text
+
+
+def _transfer(method: str, seed: int, repeat: int, acc: float) -> dict:
+    return {"kind": "transfer", "model": "m", "method": method, "variant": "", "seed": seed, "repeat": repeat,
+            "test_acc": acc, "train_wall_s": 1.0}
+
+
+def test_fine_tuning_repeats_are_averaged_per_seed_before_pairing() -> None:
+    rng = np.random.default_rng(0)
+    accs = {m: rng.uniform(0.8, 0.9, size=(3, 4)) for m in ("vanilla", "netbooster")}  # [seed, repeat]
+    records = [_row(m, s, 0.5) for m in accs for s in range(3)]
+    records += [_transfer(m, s, r, a[s, r]) for m, a in accs.items() for s in range(3) for r in range(4)]
+    text = _bench().tables(records, "header")
+    diffs = 100 * (accs["netbooster"].mean(1) - accs["vanilla"].mean(1))  # paired over seeds, not seed x repeat
+    half = stats.t.ppf(0.975, 2) * diffs.std(ddof=1) / np.sqrt(3)
+    per_seed = 100 * accs["netbooster"].mean(1)
+    expected = (f"| m | netbooster | {per_seed.mean():.2f} ± {per_seed.std(ddof=1):.2f} | {diffs.mean():+.2f} "
+                f"[{diffs.mean() - half:+.2f}, {diffs.mean() + half:+.2f}] (3 seeds × 4 fine-tunings) |")
+    assert expected in text.splitlines()

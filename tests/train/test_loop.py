@@ -153,7 +153,11 @@ DDP_ARGS = ["--dataset", "digits", "--epochs", "2", "--batch-size", "64", "--lr"
 def _cli(prefix, args, out):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [*prefix, "-m", "quicktrain.cli", "train", *args, "--out", str(out)]
-    return subprocess.run(command, check=True, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode:  # pytest shows a failed test's captured stderr: torchrun's and the workers' errors
+        print(done.stdout, done.stderr, sep="\n", file=sys.stderr)
+    done.check_returncode()
+    return done
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
