@@ -61,12 +61,20 @@ def check_adam(beta1: float, beta2: float, eps: float, max_dim: int = 1) -> None
         raise ValueError(f"max_dim must be an integer >= 1, got {max_dim!r}")
 
 
+class _AdamSettings:
+    """Adam's checked ``β₁``, ``β₂``, ``ε`` and the count of moment updates, shared by every representation here."""
+
+    def _init_adam(self, beta1: float, beta2: float, eps: float, max_dim: int = 1) -> None:
+        check_adam(beta1, beta2, eps, max_dim)
+        self.beta1, self.beta2, self.eps, self.adam_step = beta1, beta2, eps, 0
+
+
 def _basis(factor: Tensor | None) -> Tensor | None:
     """Eigenvectors of a symmetric factor (float64 ``eigh``), None for a side kept in the identity basis."""
     return None if factor is None else eigh_float64(factor)[1]
 
 
-class _EigenAdam:
+class _EigenAdam(_AdamSettings):
     """The solver state shared by the rotated representations: the bases ``QL`` (left, the output side) and
     ``QR`` (right, the input side; None: identity), the first and second moments ``M`` (None with
     ``beta1 = 0``) and ``V`` of the rotated gradient and the number of their updates ``adam_step``."""
@@ -76,10 +84,6 @@ class _EigenAdam:
     M: Tensor | None
     V: Tensor | None
     adam_step: int
-
-    def _init_adam(self, beta1: float, beta2: float, eps: float, max_dim: int) -> None:
-        check_adam(beta1, beta2, eps, max_dim)
-        self.beta1, self.beta2, self.eps, self.adam_step = beta1, beta2, eps, 0
 
     def _refresh(self, ql: Tensor | None, qr: Tensor | None) -> None:
         if self.V is not None:  # the second moment follows its coordinates into the new basis
@@ -169,7 +173,7 @@ class EmbeddingEigenAdam(_EigenAdam, KronEmbedding):
         self.module.weight.grad = self._step(self.grads()["weight"])
 
 
-class ParamAdam(Representation):
+class ParamAdam(_AdamSettings, Representation):
     """Adam in the parameter basis, for layers without Kronecker structure (normalisation layers):
     ``Δθ = g / (√v̂ + ε)`` per parameter (``m̂ / (√v̂ + ε)`` with ``beta1 > 0``). It keeps no curvature."""
 
@@ -178,8 +182,7 @@ class ParamAdam(Representation):
     def __init__(self, name: str, module: nn.Module, beta1: float = 0.0, beta2: float = 0.95,
                  eps: float = 1e-8) -> None:
         super().__init__(name, module)
-        check_adam(beta1, beta2, eps)
-        self.beta1, self.beta2, self.eps, self.adam_step = beta1, beta2, eps, 0
+        self._init_adam(beta1, beta2, eps)
         self.M, self.V = {}, {}  # {parameter name: moment}
 
     def update(self, batch: LayerBatch, decay: float) -> None:
