@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -39,7 +40,16 @@ def init_distributed(device: torch.device) -> DistInfo:
         store = dist.PrefixStore(f"quicktrain-restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=info.world_size)
+        # A group still alive when the interpreter finalises can abort the process (SIGABRT) after training has
+        # finished: gloo's worker threads free their last work's tensors, which needs the GIL that is being torn
+        # down (pytorch/pytorch#179291). Destroying the group while Python is alive avoids that.
+        atexit.register(_destroy_process_group)
     return info
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard(indices: torch.Tensor, info: DistInfo) -> torch.Tensor:
