@@ -1,8 +1,9 @@
 """Why does NetBooster fall behind vanilla training at 4 epochs? Schedule variants of the tiny network's
 fine-tuning phase, on validation accuracy, CPU, one thread, in sequence in one process.
 
-The hypothesis under test (README, ``quicktrain.boost``): the default run contracts at 80% of one cosine
-schedule, so the tiny network is fine-tuned only for the last 20% at learning rates below 10% of the peak.
+The hypothesis under test (docs/boost.md, "The schedule hypothesis tested"): the default run contracts at 80%
+of one cosine schedule, so the tiny network is fine-tuned only for the last 20% at learning rates below 10% of
+the peak.
 Variants (``E`` = ``--epochs``, each epoch ``--steps`` steps; PLT times in epochs):
 
 * ``vanilla``: the tiny network, E epochs, one cosine schedule (the reference of every difference);

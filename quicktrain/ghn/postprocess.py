@@ -8,7 +8,7 @@ descent" and post-processed them before fine-tuning: orthogonalise every weight 
 (QR of its ``[out, fan_in]`` matrix, in the tall orientation, signs fixed by ``diag(R)``), and/or add
 noise; GHN-3 adds only a tiny noise (``beta = 1e-5``) to break symmetry.
 
-Measured with the shipped GHNs (``benchmarks/ghn_late.py``, README): neither raising the effective rank
+Measured with the shipped GHNs (``benchmarks/ghn_late.py``, docs/ghn.md): neither raising the effective rank
 (noise, :func:`orthogonalize`, :func:`flatten_spectrum`) nor reviving the predicted network's many dead
 ReLU units (:func:`revive_dead_units`; 38% of ``cnn``'s hidden classifier units on fashion-mnist against 9%
 for default init) closes the late fine-tuning gap to default init, so ``predict_into`` applies none of them.
