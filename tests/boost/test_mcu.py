@@ -23,8 +23,10 @@ from quicktrain.cli import parse_args
 from quicktrain.compose import build_hooks
 from quicktrain.train import Hooks, TrainConfig, fit
 
+SIZES = [("microcnn", 1_000, 2_000), ("tinycnn", 5_000, 10_000), ("mobilenetv2_mcu", 40_000, 50_000)]
 
-@pytest.mark.parametrize(("name", "low", "high"), [("tinycnn", 5_000, 10_000), ("mobilenetv2_mcu", 40_000, 50_000)])
+
+@pytest.mark.parametrize(("name", "low", "high"), SIZES)
 def test_mcu_models_are_mcu_sized(name: str, low: int, high: int) -> None:
     model = models.get_model(name, num_classes=10, in_shape=(1, 28, 28))
     assert low < count_params(model) <= high
