@@ -1,10 +1,11 @@
 import json
+import re
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 
-from quicktrain import cli
+from quicktrain import cli, models
 
 
 def test_demo_trains_digits_above_90_percent_and_prints_a_table(tmp_path, capsys):
@@ -47,7 +48,8 @@ def test_train_then_report_draws_the_runs(tmp_path, capsys):
 
 
 def test_unknown_model_on_the_command_line_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"choose from \['cnn', 'mlp'"):
+    valid = ", ".join(repr(name) for name in models.list_models())
+    with pytest.raises(ValueError, match=re.escape(f"choose from [{valid}]")):
         cli.run(["train", "--model", "nope", "--no-progress"])
 
 
