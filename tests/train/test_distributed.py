@@ -12,12 +12,14 @@ SCRIPT = textwrap.dedent(
     import torch.distributed as dist
     from quicktrain.train.distributed import init_distributed
 
-    # atexit runs handlers last-in first-out: this one runs after any that init_distributed registers
-    atexit.register(lambda: print("alive at exit:", dist.is_initialized(), flush=True))
+    # atexit runs handlers last-in first-out: this one runs after any that init_distributed registers.
+    # Each line is one f-string, one write: print("a", b) writes its pieces separately, and two workers
+    # sharing the pipe can interleave them ("sum:sum: 2 2").
+    atexit.register(lambda: print(f"alive at exit: {dist.is_initialized()}", flush=True))
     init_distributed(torch.device("cpu"))
     total = torch.ones(1)
     dist.all_reduce(total)
-    print("sum:", int(total.item()), flush=True)
+    print(f"sum: {int(total.item())}", flush=True)
     """
 )
 
