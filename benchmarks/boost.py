@@ -202,7 +202,7 @@ def run_one(config: TrainConfig, method: str, settings: dict[str, Any], done: di
     return {
         "model": config.model, "method": method, "seed": config.seed, "test_acc": result.metrics["test_acc"],
         "val_acc": result.metrics["val_acc"], "train_acc": train_accuracy(model, config), "train_wall_s": wall,
-        "train_cpu_s": cpu,
+        "train_cpu_s": cpu, "lr": config.lr,
         "steps": config.epochs * config.max_steps_per_epoch, "params": count_params(model),
         "macs": count_macs(model, in_shape), "out": config.out, **extra,
     }
