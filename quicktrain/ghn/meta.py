@@ -253,10 +253,18 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, *, resume: bool = False, c
     """
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    world, rank = 1, 0
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo")
-        world, rank = dist.get_world_size(), dist.get_rank()
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _meta_train(cfg, Path(out), resume, command, world=1, rank=0)
+    dist.init_process_group("gloo")
+    try:  # a failed rank must not leave its group alive: the others would wait on it until their timeout
+        return _meta_train(cfg, Path(out), resume, command, world=dist.get_world_size(), rank=dist.get_rank())
+    finally:
+        dist.destroy_process_group()
+
+
+def _meta_train(cfg: MetaTrainConfig, out: Path, resume: bool, command: str, *, world: int,
+                rank: int) -> dict[str, Any]:
+    """The meta-training loop of :func:`meta_train` on rank ``rank`` of ``world`` processes."""
     device = torch.device(cfg.device)
     data = _load_data(cfg.dataset)
     xs, ys = (t.to(device) for t in data.train.tensors)  # on the device once, batches are gathered there
@@ -266,7 +274,6 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, *, resume: bool = False, c
     opt = ghn_optimizer(ghn, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     start_step, skipped, prior_seconds, prior_cpu = 0, 0, 0.0, 0.0
-    out = Path(out)
     if resume and out.is_file():
         payload = read_checkpoint(out)
         if "optimizer" not in payload.get("train", {}):
@@ -389,8 +396,6 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, *, resume: bool = False, c
             break
     done = step + 1 if cfg.steps > start_step else start_step
     save(done, final=True)
-    if world > 1:
-        dist.destroy_process_group()
     return {
         "steps": done,
         "skipped": skipped,

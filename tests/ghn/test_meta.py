@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from quicktrain.ghn import GHN, DatasetInfo, build_arch, ghn_config
 from quicktrain.ghn.checkpoint import read_checkpoint
@@ -88,3 +89,15 @@ def test_family_weights_need_a_pool(tmp_path):
     cfg = MetaTrainConfig(dataset="digits", steps=1, meta_batch=1, pool_size=0, family_weights={"vit": 2.0})
     with pytest.raises(ValueError, match="need a fixed pool"):
         meta_train(cfg, tmp_path / "x.pt")
+
+
+def test_a_failed_rank_leaves_no_process_group(tmp_path, monkeypatch):
+    # torchrun's WORLD_SIZE makes meta_train join a group; a one-rank in-process group stands in for torchrun's
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    real_init = dist.init_process_group
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend: real_init(backend, store=dist.HashStore(), rank=0, world_size=1))
+    cfg = MetaTrainConfig(dataset="digits", steps=1, meta_batch=1, pool_size=0, family_weights={"vit": 2.0})
+    with pytest.raises(ValueError, match="need a fixed pool"):
+        meta_train(cfg, tmp_path / "x.pt")
+    assert not dist.is_initialized()
