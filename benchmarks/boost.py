@@ -250,7 +250,7 @@ def run_transfer(config: TrainConfig, source: str | None) -> dict[str, Any]:
                 raise RuntimeError(f"pre-trained weights do not fit: missing {missing}, unexpected {unexpected}")
 
     result = fit(config, Hooks(init=init))
-    return {"test_acc": result.metrics["test_acc"], "train_wall_s": result.metrics["wall"]}
+    return {"test_acc": result.metrics["test_acc"], "train_wall_s": result.metrics["wall"], "lr": config.lr}
 
 
 # ---- statistics and tables ---------------------------------------------------------------------------------
@@ -411,6 +411,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--transfer", default="digits", help="fine-tuning data set ('' to skip)")
     p.add_argument("--transfer-epochs", type=int, default=10)
+    p.add_argument("--transfer-lr", type=float, default=None,
+                   help="fine-tuning learning rate (default: --lr); pre-training at a tuned rate needs its own")
     p.add_argument("--transfer-batch-size", type=int, default=64)
     p.add_argument("--transfer-labels", type=int, default=10,
                    help="labels per class of the low-label fine-tuning protocol (0 to skip it)")
@@ -500,7 +502,8 @@ def main(argv: list[str]) -> None:
                        data_dir=args.data_dir, max_steps_per_epoch=steps_per_epoch, progress=False,
                        overwrite=True)  # a run killed before its record was appended is redone
     tbase = replace(base, dataset=args.transfer or "digits", epochs=args.transfer_epochs, max_steps_per_epoch=None,
-                    data_dir=None, batch_size=args.transfer_batch_size)
+                    data_dir=None, batch_size=args.transfer_batch_size,
+                    lr=args.lr if args.transfer_lr is None else args.transfer_lr)
     protocols = [("transfer", tbase)] if args.transfer else []
     if args.transfer and args.transfer_labels:
         # as many steps as the full protocol: the comparison changes the labels, not the fine-tuning length
@@ -551,8 +554,8 @@ def main(argv: list[str]) -> None:
         f"NetBooster on {args.dataset}: {args.epochs} epoch(s) of {args.steps} steps, batch "
         f"{args.batch_size}, AdamW lr {args.lr} cosine, seeds {args.seeds}; ratio {args.ratio}, depth {args.depth}, "
         f"layers '{args.layers}', PLT {args.plt_start}-{args.plt_end}; KD T={args.kd_temperature}, "
-        f"alpha={args.kd_alpha}; transfer: {args.transfer or 'none'} ({args.transfer_epochs} epochs, batch "
-        f"{args.transfer_batch_size}; low-label: {args.transfer_labels} per class, batch "
+        f"alpha={args.kd_alpha}; transfer: {args.transfer or 'none'} ({args.transfer_epochs} epochs, lr {tbase.lr}, "
+        f"batch {args.transfer_batch_size}; low-label: {args.transfer_labels} per class, batch "
         f"{args.transfer_labels_batch_size}, as many steps; {args.transfer_repeats} fine-tuning(s) per pre-trained "
         f"model). CPU, one thread; training wall of all runs "
         f"{sum(r['train_wall_s'] for r in records):.0f}s.\n"

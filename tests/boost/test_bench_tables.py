@@ -1,8 +1,9 @@
-"""benchmarks/boost.py's paired-difference table: the rows it adds for base supervision."""
+"""benchmarks/boost.py: the paired-difference table's rows for base supervision; the fine-tuning rate."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +57,14 @@ def test_fine_tuning_repeats_are_averaged_per_seed_before_pairing() -> None:
     expected = (f"| m | netbooster | {per_seed.mean():.2f} ± {per_seed.std(ddof=1):.2f} | {diffs.mean():+.2f} "
                 f"[{diffs.mean() - half:+.2f}, {diffs.mean() + half:+.2f}] (3 seeds × 4 fine-tunings) |")
     assert expected in text.splitlines()
+
+
+def test_fine_tuning_runs_at_transfer_lr_and_pre_training_at_lr(tmp_path: Path) -> None:
+    # two steps of pre-training on fashion-mnist and one epoch of fine-tuning on digits: the rates, not accuracy
+    _bench().main(["--models", "microcnn", "--methods", "vanilla", "--steps", "2", "--seeds", "0", "--lr", "0.05",
+                   "--transfer-lr", "0.003", "--transfer-epochs", "1", "--transfer-labels", "0",
+                   "--runs", str(tmp_path / "runs"), "--results", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "boost.jsonl").read_text().splitlines()]
+    assert {(r["kind"], r["method"], r["lr"]) for r in rows} == {
+        ("pretrain", "vanilla", 0.05), ("transfer", "scratch", 0.003), ("transfer", "vanilla", 0.003)}
+    assert "transfer: digits (1 epochs, lr 0.003" in (tmp_path / "boost.md").read_text()
