@@ -250,7 +250,8 @@ def run_transfer(config: TrainConfig, source: str | None) -> dict[str, Any]:
                 raise RuntimeError(f"pre-trained weights do not fit: missing {missing}, unexpected {unexpected}")
 
     result = fit(config, Hooks(init=init))
-    return {"test_acc": result.metrics["test_acc"], "train_wall_s": result.metrics["wall"], "lr": config.lr}
+    return {"test_acc": result.metrics["test_acc"], "val_acc": result.metrics["val_acc"],
+            "train_wall_s": result.metrics["wall"], "lr": config.lr}
 
 
 # ---- statistics and tables ---------------------------------------------------------------------------------

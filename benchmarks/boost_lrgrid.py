@@ -11,6 +11,10 @@ NetBooster with vanilla at each rate of the grid, to show whether the comparison
         --steps 429 --epochs 4 --lr LR --seeds 0 1 2 3 4 --tag _micro4_lrLR      # LR = 0.001, 0.004, 0.008
     python benchmarks/boost_lrgrid.py --model microcnn --tags _micro4_lr0.001 _micro4 _micro4_lr0.004 \\
         _micro4_lr0.008 --tag _micro4_lrgrid
+
+``--kind transfer`` (or ``transfer_low``) does the same for the fine-tuning: the tags then share the
+pre-training (its rate) and differ in ``--transfer-lr``; each pre-training method gets the fine-tuning rate of
+its best validation accuracy on the transfer set.
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ from typing import Any
 from boost import mean_std, paired
 
 # (contender, baseline) pairs reported at the chosen rates, where both ran
-COMPARISONS = (("netbooster", "vanilla"), ("netbooster", "vanilla_wall"), ("linear", "netbooster"),
-               ("linear", "vanilla"), ("netbooster", "kd"), ("netbooster_base", "netbooster"))
+COMPARISONS = (("netbooster", "vanilla"), ("vanilla", "scratch"), ("netbooster", "vanilla_wall"),
+               ("linear", "netbooster"), ("linear", "vanilla"), ("netbooster", "kd"), ("netbooster_base", "netbooster"))
 
 
-def load_grid(results: Path, tags: list[str], model: str,
-              methods: list[str]) -> dict[str, dict[float, dict[int, dict[str, Any]]]]:
-    """``grid[method][lr][seed]``: the pre-training rows of ``model`` and ``methods`` (main runs, not variants) in
+def load_grid(results: Path, tags: list[str], model: str, methods: list[str],
+              kind: str = "pretrain") -> dict[str, dict[float, dict[int, dict[str, Any]]]]:
+    """``grid[method][lr][seed]``: the rows of ``kind`` (``pretrain``, or a fine-tuning protocol, ``transfer`` or
+    ``transfer_low``, whose rate is ``--transfer-lr``) of ``model`` and ``methods`` (main runs, not variants) in
     each tag's log."""
     grid: dict[str, dict[float, dict[int, dict[str, Any]]]] = {}
     for tag in tags:
@@ -39,8 +44,10 @@ def load_grid(results: Path, tags: list[str], model: str,
             raise SystemExit(f"{path} not found: run benchmarks/boost.py with --tag {tag} first (it writes the .json)")
         log = json.loads(path.read_text())
         lr = log["args"]["lr"]
+        if kind != "pretrain" and log["args"].get("transfer_lr") is not None:
+            lr = log["args"]["transfer_lr"]
         for row in log["records"]:
-            if (row.get("kind") != "pretrain" or row["model"] != model or row["method"] not in methods
+            if (row.get("kind") != kind or row["model"] != model or row["method"] not in methods
                     or row.get("variant")):
                 continue
             if row.get("lr", lr) != lr:
@@ -50,7 +57,7 @@ def load_grid(results: Path, tags: list[str], model: str,
                 raise SystemExit(f"{row['method']} seed {row['seed']} at lr {lr} appears twice with different results")
             cell[row["seed"]] = row
     if not grid:
-        raise SystemExit(f"no pre-training rows of model {model!r} in tags {tags}")
+        raise SystemExit(f"no {kind} rows of model {model!r} in tags {tags}")
     return grid
 
 
@@ -121,16 +128,19 @@ def main(argv: list[str]) -> None:
     p.add_argument("--tags", nargs="+", required=True, help="benchmarks/boost.py tags, one per learning rate")
     p.add_argument("--methods", nargs="+", default=["vanilla", "netbooster", "vanilla_wall", "linear"],
                    help="contenders (each must have run at every rate)")
+    p.add_argument("--kind", default="pretrain", choices=["pretrain", "transfer", "transfer_low"],
+                   help="pre-training, or a fine-tuning protocol (one tag per --transfer-lr; the pre-training fixed)")
     p.add_argument("--results", default="benchmarks/results")
     p.add_argument("--tag", required=True, help="suffix of the output files (boost{tag}.md/.json)")
     args = p.parse_args(argv)
     results = Path(args.results)
-    grid = load_grid(results, args.tags, args.model, args.methods)
+    grid = load_grid(results, args.tags, args.model, args.methods, args.kind)
     seeds = common_seeds(grid)
     chosen = choose(grid, seeds)
     command = "python benchmarks/boost_lrgrid.py " + " ".join(argv)
-    header = (f"NetBooster learning-rate grid, {args.model}: each contender at the rate of its best mean validation "
-              f"accuracy over seeds {seeds}.\nCommand: {command}")
+    stage = "pre-training" if args.kind == "pretrain" else f"fine-tuning ({args.kind}; rows: pre-training method)"
+    header = (f"NetBooster learning-rate grid of the {stage}, {args.model}: each contender at the rate of its best "
+              f"mean validation accuracy over seeds {seeds}.\nCommand: {command}")
     text, rows = tables(grid, seeds, chosen, header)
     print(text)
     (results / f"boost{args.tag}.md").write_text(text + "\n")

@@ -53,3 +53,22 @@ def test_a_contender_missing_a_rate_is_a_clear_error(lrgrid, tmp_path: Path) -> 
     grid = lrgrid.load_grid(tmp_path, ["_a", "_b"], "m", ["vanilla", "netbooster"])
     with pytest.raises(SystemExit, match=r"netbooster has no runs at lr \[0.2\]"):
         lrgrid.common_seeds(grid)
+
+
+def test_the_fine_tuning_grid_is_keyed_by_transfer_lr_and_reads_only_that_protocol(lrgrid, tmp_path: Path) -> None:
+    def log(tag: str, transfer_lr: float, val: float) -> None:
+        # the pre-training is shared by the tags (the same rows); only the "transfer" protocol's accuracy moves
+        rows = [{"kind": kind, "model": "m", "method": "vanilla", "variant": "", "seed": seed,
+                 "lr": 0.05 if kind == "pretrain" else transfer_lr, "val_acc": val if kind == "transfer" else 0.99,
+                 "test_acc": val if kind == "transfer" else 0.9}
+                for kind in ("pretrain", "transfer", "transfer_low") for seed in (0, 1)]
+        (tmp_path / f"boost{tag}.json").write_text(
+            json.dumps({"args": {"lr": 0.05, "transfer_lr": transfer_lr}, "records": rows}))
+
+    log("_a", 0.01, 0.7)
+    log("_b", 0.03, 0.8)
+    grid = lrgrid.load_grid(tmp_path, ["_a", "_b"], "m", ["vanilla"], kind="transfer")
+    assert sorted(grid["vanilla"]) == [0.01, 0.03]
+    assert {r["kind"] for cell in grid["vanilla"].values() for r in cell.values()} == {"transfer"}
+    assert lrgrid.choose(grid, [0, 1]) == {"vanilla": 0.03}
+    assert sorted(lrgrid.load_grid(tmp_path, ["_a", "_b"], "m", ["vanilla"])["vanilla"]) == [0.05]  # pre-training
