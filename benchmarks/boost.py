@@ -236,22 +236,48 @@ def _head_prefix(model: nn.Module) -> str:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1] + "."
 
 
-def run_transfer(config: TrainConfig, source: str | None) -> dict[str, Any]:
-    """Fine-tune a pre-trained tiny model (all weights but the classifier) or one from scratch."""
+def _convs_before_batchnorm(model: nn.Module) -> list[nn.Conv2d]:
+    """Convolutions whose next module (in definition order) is a BatchNorm: their output's scale does not matter."""
+    modules = list(model.modules())
+    return [m for m, after in itertools.pairwise(modules)
+            if isinstance(m, nn.Conv2d) and isinstance(after, nn.BatchNorm2d)]
+
+
+@torch.no_grad()
+def rescale_filters(model: nn.Module, norms: list[torch.Tensor]) -> None:
+    """Scale each convolution that feeds a BatchNorm (weight and bias alike) to the matching norm of ``norms``."""
+    for conv, norm in zip(_convs_before_batchnorm(model), norms, strict=True):
+        factor = norm / conv.weight.norm()
+        conv.weight.mul_(factor)
+        if conv.bias is not None:
+            conv.bias.mul_(factor)
+
+
+def run_transfer(config: TrainConfig, source: str | None, rescale: bool = False) -> dict[str, Any]:
+    """Fine-tune a pre-trained tiny model (all weights but the classifier) or one from scratch.
+
+    ``rescale``: scale each pre-trained convolution that feeds a BatchNorm back to the norm of its fresh
+    initialisation. Train-mode BatchNorm makes this exact for the network's function (``BN(a W x) = BN(W x)``,
+    a > 0), but it undoes what pre-training did to the filters' effective learning rate: an AdamW step turns a
+    filter by about ``lr sqrt(numel) / ||W||``, so a filter that grew k-fold fine-tunes as if at ``lr / k``
+    (``benchmarks/boost_finetune_probe.py`` measures the growth)."""
     init = None
     if source is not None:
         state = load_checkpoint(Path(source) / "model.pt")["model"]
 
         def init(model: nn.Module, _: torch.Tensor) -> None:
             head = _head_prefix(model)
+            fresh = [conv.weight.detach().norm() for conv in _convs_before_batchnorm(model)]
             missing, unexpected = model.load_state_dict(
                 {k: v for k, v in state.items() if not k.startswith(head)}, strict=False)
             if unexpected or any(not k.startswith(head) for k in missing):
                 raise RuntimeError(f"pre-trained weights do not fit: missing {missing}, unexpected {unexpected}")
+            if rescale:
+                rescale_filters(model, fresh)
 
     result = fit(config, Hooks(init=init))
     return {"test_acc": result.metrics["test_acc"], "val_acc": result.metrics["val_acc"],
-            "train_wall_s": result.metrics["wall"], "lr": config.lr}
+            "train_wall_s": result.metrics["wall"], "lr": config.lr, "rescaled": rescale and source is not None}
 
 
 # ---- statistics and tables ---------------------------------------------------------------------------------
@@ -412,6 +438,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--transfer", default="digits", help="fine-tuning data set ('' to skip)")
     p.add_argument("--transfer-epochs", type=int, default=10)
+    p.add_argument("--transfer-rescale", action="store_true",
+                   help="scale pre-trained convolutions that feed a BatchNorm back to their initial norm first")
+    p.add_argument("--pretrained", default=None, metavar="TAG",
+                   help="fine-tune the pre-trained networks of tag TAG (same --runs) instead of pre-training anew")
     p.add_argument("--transfer-lr", type=float, default=None,
                    help="fine-tuning learning rate (default: --lr); pre-training at a tuned rate needs its own")
     p.add_argument("--transfer-batch-size", type=int, default=64)
@@ -469,6 +499,9 @@ def main(argv: list[str]) -> None:
         return
     log = out / f"boost{args.tag}.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    if args.pretrained is not None:  # another tag's pre-trained networks (same --runs), not their fine-tunings
+        records += [row for row in map(json.loads, (out / f"boost{args.pretrained}.jsonl").read_text().splitlines())
+                    if row["kind"] == "pretrain"]
     for tag in args.include:  # e.g. per-seed logs run in parallel: their runs count as done here
         for row in map(json.loads, (out / f"boost{tag}.jsonl").read_text().splitlines()):
             if (row["kind"] == "pretrain" and row["method"] == "vanilla" and not row["variant"]
@@ -546,7 +579,8 @@ def main(argv: list[str]) -> None:
                     source = None if method == "scratch" else done.get((model, method, seed), {}).get("out")
                     if (kind, model, method, "", seed, repeat) in seen or (method != "scratch" and source is None):
                         continue
-                    row = run_transfer(replace(tconfig, model=model, seed=seed + 100 * repeat), source)
+                    row = run_transfer(replace(tconfig, model=model, seed=seed + 100 * repeat), source,
+                                       rescale=args.transfer_rescale)
                     if kind == "transfer_low":
                         row.update(labels_per_class=args.transfer_labels, epochs=tconfig.epochs)
                     record({"kind": kind, "model": model, "method": method, "variant": "", "seed": seed,
@@ -558,7 +592,9 @@ def main(argv: list[str]) -> None:
         f"alpha={args.kd_alpha}; transfer: {args.transfer or 'none'} ({args.transfer_epochs} epochs, lr {tbase.lr}, "
         f"batch {args.transfer_batch_size}; low-label: {args.transfer_labels} per class, batch "
         f"{args.transfer_labels_batch_size}, as many steps; {args.transfer_repeats} fine-tuning(s) per pre-trained "
-        f"model). CPU, one thread; training wall of all runs "
+        f"model{'; convolutions rescaled to their initial norm first' if args.transfer_rescale else ''}"
+        f"{'; pre-trained networks of tag ' + args.pretrained if args.pretrained is not None else ''}). "
+        f"CPU, one thread; training wall of all runs "
         f"{sum(r['train_wall_s'] for r in records):.0f}s.\n"
         f"Command: {command}"
     )

@@ -7,7 +7,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from scipy import stats
+
+from quicktrain import models
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "boost.py"
 
@@ -68,3 +72,25 @@ def test_fine_tuning_runs_at_transfer_lr_and_pre_training_at_lr(tmp_path: Path) 
     assert {(r["kind"], r["method"], r["lr"]) for r in rows} == {
         ("pretrain", "vanilla", 0.05), ("transfer", "scratch", 0.003), ("transfer", "vanilla", 0.003)}
     assert "transfer: digits (1 epochs, lr 0.003" in (tmp_path / "boost.md").read_text()
+    # fine-tuning those networks again, rescaled, under another tag: no new pre-training
+    _bench().main(["--models", "microcnn", "--methods", "vanilla", "--steps", "2", "--seeds", "0", "--lr", "0.05",
+                   "--transfer-epochs", "1", "--transfer-labels", "0", "--pretrained", "", "--transfer-rescale",
+                   "--runs", str(tmp_path / "runs"), "--results", str(tmp_path), "--tag", "_again"])
+    again = [json.loads(line) for line in (tmp_path / "boost_again.jsonl").read_text().splitlines()]
+    assert {(r["kind"], r["method"], r["rescaled"]) for r in again} == {
+        ("transfer", "scratch", False), ("transfer", "vanilla", True)}
+
+
+def test_rescaled_filters_keep_the_function_and_take_the_given_norms() -> None:
+    torch.manual_seed(0)
+    model = models.get_model("microcnn", num_classes=10, in_shape=(1, 28, 28)).train()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        for i, conv in enumerate(convs):
+            conv.weight.mul_(5.0 + i)  # as pre-training grows them
+    x = torch.randn(16, 1, 28, 28)
+    before = model(x)
+    targets = [torch.tensor(0.5 + i) for i in range(len(convs))]
+    _bench().rescale_filters(model, targets)
+    assert [float(c.weight.detach().norm()) for c in convs] == pytest.approx([float(t) for t in targets])
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)  # train-mode BatchNorm: scale-invariant
