@@ -32,11 +32,11 @@ COMPARISONS = (("netbooster", "vanilla"), ("vanilla", "scratch"), ("netbooster",
                ("linear", "netbooster"), ("linear", "vanilla"), ("netbooster", "kd"), ("netbooster_base", "netbooster"))
 
 
-def load_grid(results: Path, tags: list[str], model: str, methods: list[str],
-              kind: str = "pretrain") -> dict[str, dict[float, dict[int, dict[str, Any]]]]:
+def load_grid(results: Path, tags: list[str], model: str, methods: list[str], kind: str = "pretrain",
+              kd_alpha: float | None = None) -> dict[str, dict[float, dict[int, dict[str, Any]]]]:
     """``grid[method][lr][seed]``: the rows of ``kind`` (``pretrain``, or a fine-tuning protocol, ``transfer`` or
     ``transfer_low``, whose rate is ``--transfer-lr``) of ``model`` and ``methods`` (main runs, not variants) in
-    each tag's log."""
+    each tag's log; with ``kd_alpha``, KD rows only from logs run with that ``--kd-alpha``."""
     grid: dict[str, dict[float, dict[int, dict[str, Any]]]] = {}
     for tag in tags:
         path = results / f"boost{tag}.json"
@@ -48,7 +48,8 @@ def load_grid(results: Path, tags: list[str], model: str, methods: list[str],
             lr = log["args"]["transfer_lr"]
         for row in log["records"]:
             if (row.get("kind") != kind or row["model"] != model or row["method"] not in methods
-                    or row.get("variant")):
+                    or row.get("variant")
+                    or (row["method"] == "kd" and kd_alpha is not None and log["args"]["kd_alpha"] != kd_alpha)):
                 continue
             if row.get("lr", lr) != lr:
                 raise SystemExit(f"boost{tag}.json mixes learning rates ({row['lr']} and {lr}); give one tag per rate")
@@ -130,11 +131,13 @@ def main(argv: list[str]) -> None:
                    help="contenders (each must have run at every rate)")
     p.add_argument("--kind", default="pretrain", choices=["pretrain", "transfer", "transfer_low"],
                    help="pre-training, or a fine-tuning protocol (one tag per --transfer-lr; the pre-training fixed)")
+    p.add_argument("--kd-alpha", type=float, default=None,
+                   help="take KD rows only from tags run with this --kd-alpha (when tags of two weights are given)")
     p.add_argument("--results", default="benchmarks/results")
     p.add_argument("--tag", required=True, help="suffix of the output files (boost{tag}.md/.json)")
     args = p.parse_args(argv)
     results = Path(args.results)
-    grid = load_grid(results, args.tags, args.model, args.methods, args.kind)
+    grid = load_grid(results, args.tags, args.model, args.methods, args.kind, args.kd_alpha)
     seeds = common_seeds(grid)
     chosen = choose(grid, seeds)
     command = "python benchmarks/boost_lrgrid.py " + " ".join(argv)

@@ -72,3 +72,15 @@ def test_the_fine_tuning_grid_is_keyed_by_transfer_lr_and_reads_only_that_protoc
     assert {r["kind"] for cell in grid["vanilla"].values() for r in cell.values()} == {"transfer"}
     assert lrgrid.choose(grid, [0, 1]) == {"vanilla": 0.03}
     assert sorted(lrgrid.load_grid(tmp_path, ["_a", "_b"], "m", ["vanilla"])["vanilla"]) == [0.05]  # pre-training
+
+
+def test_kd_rows_are_taken_from_the_tags_of_the_given_weight_only(lrgrid, tmp_path: Path) -> None:
+    for tag, alpha, acc in (("_l9", 0.9, 0.7), ("_l1", 0.1, 0.8)):
+        rows = [{"kind": "pretrain", "model": "m", "method": method, "variant": "", "seed": seed, "lr": 0.1,
+                 "val_acc": acc, "test_acc": acc} for method in ("kd", "vanilla") for seed in (0, 1)]
+        (tmp_path / f"boost{tag}.json").write_text(
+            json.dumps({"args": {"lr": 0.1, "kd_alpha": alpha}, "records": rows}))
+    with pytest.raises(SystemExit, match="appears twice"):  # two weights' KD in one cell
+        lrgrid.load_grid(tmp_path, ["_l9", "_l1"], "m", ["kd"])
+    grid = lrgrid.load_grid(tmp_path, ["_l9", "_l1"], "m", ["kd"], kd_alpha=0.1)
+    assert [r["test_acc"] for r in grid["kd"][0.1].values()] == [0.8, 0.8]
