@@ -267,7 +267,7 @@ def run_transfer(config: TrainConfig, source: str | None, rescale: bool = False)
 
         def init(model: nn.Module, _: torch.Tensor) -> None:
             head = _head_prefix(model)
-            fresh = [conv.weight.detach().norm() for conv in _convs_before_batchnorm(model)]
+            fresh = [conv.weight.detach().norm() for conv in _convs_before_batchnorm(model)] if rescale else []
             missing, unexpected = model.load_state_dict(
                 {k: v for k, v in state.items() if not k.startswith(head)}, strict=False)
             if unexpected or any(not k.startswith(head) for k in missing):
@@ -429,6 +429,11 @@ def cost_table(rows: list[dict[str, Any]]) -> str:
 
 
 # ---- driver --------------------------------------------------------------------------------------------
+def log_rows(results: Path, tag: str) -> list[dict[str, Any]]:
+    """The rows of ``boost{tag}.jsonl`` in ``results``, one finished run each."""
+    return [json.loads(line) for line in (results / f"boost{tag}.jsonl").read_text().splitlines()]
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["tinycnn"])
@@ -498,12 +503,11 @@ def main(argv: list[str]) -> None:
             json.dumps({"command": command, "environment": env, "rows": rows}, indent=1))
         return
     log = out / f"boost{args.tag}.jsonl"
-    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    records = log_rows(out, args.tag) if log.exists() else []
     if args.pretrained is not None:  # another tag's pre-trained networks (same --runs), not their fine-tunings
-        records += [row for row in map(json.loads, (out / f"boost{args.pretrained}.jsonl").read_text().splitlines())
-                    if row["kind"] == "pretrain"]
+        records += [row for row in log_rows(out, args.pretrained) if row["kind"] == "pretrain"]
     for tag in args.include:  # e.g. per-seed logs run in parallel: their runs count as done here
-        for row in map(json.loads, (out / f"boost{tag}.jsonl").read_text().splitlines()):
+        for row in log_rows(out, tag):
             if (row["kind"] == "pretrain" and row["method"] == "vanilla" and not row["variant"]
                     and row["steps"] != args.steps * args.epochs):  # another budget: a learning-curve row
                 row["variant"] = f"{row['steps'] // args.steps} epochs"
@@ -514,7 +518,7 @@ def main(argv: list[str]) -> None:
             if r["kind"] == "pretrain" and not r.get("variant")}
 
     main_log = out / "boost.jsonl"
-    main_boost = {(r["model"], r["seed"]): r for r in map(json.loads, main_log.read_text().splitlines())
+    main_boost = {(r["model"], r["seed"]): r for r in log_rows(out, "")
                   if r["kind"] == "pretrain" and r["method"] == "netbooster" and not r["variant"]
                   and r["steps"] == args.steps * args.epochs and r.get("plt") == [args.plt_start, args.plt_end]
                   } if args.study and main_log.exists() else {}

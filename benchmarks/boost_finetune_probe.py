@@ -83,12 +83,12 @@ def main(argv: list[str]) -> None:
                     raise SystemExit(f"{folder / 'model.pt'} not found: run benchmarks/boost.py with --tag {args.tag} "
                                      f"--seeds {seed} and the same --runs first")
                 net.load_state_dict(load_checkpoint(folder / "model.pt")["model"])
+            growth = filter_norm_growth(net, init)
             for name, images in sets.items():
                 rows.append({"seed": seed, "method": method, "data": name, "relus": relu_activity(net, images),
-                             "norm_growth": filter_norm_growth(net, init)})
-    widths = [m.out_channels for m in models.get_model(args.model, num_classes=10, in_shape=in_shape).modules()
-              if isinstance(m, nn.Conv2d)]
-    command = "python benchmarks/boost_dead_units.py " + " ".join(argv)
+                             "norm_growth": growth})
+    widths = [m.out_channels for m in init.modules() if isinstance(m, nn.Conv2d)]
+    command = "python benchmarks/boost_finetune_probe.py " + " ".join(argv)
     lines = [f"Dead ReLU channels (never positive, train-mode BatchNorm on the whole set) and conv filter norm over "
              f"its initial norm, {args.model} (channels per layer {widths}), mean over seeds {args.seeds}; 'init' is "
              f"a fresh network.", f"Command: {command}", "",
